@@ -1,0 +1,79 @@
+"""Checkpoint -> engine: fuse each rank's weights into the runtime layout and record the build limits.
+
+The runtime then loads an engine rank with one `load_state_dict(assign=True)`, no reshaping.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from kiln.builder.device import describe_device
+from kiln.builder.engine_file import EngineConfig, current_versions, save_engine_config
+from kiln.checkpoint.format import load_config, torch_dtype
+from kiln.checkpoint.safetensors_io import iter_tensors
+from kiln.config import BuildConfig
+from kiln.distributed.comm import TPGroup
+from kiln.errors import KilnError
+from kiln.fsutil import atomic_dir, require_dir
+from kiln.models.registry import create_model
+
+
+def build_engine(
+    checkpoint_dir: str | Path,
+    output_dir: str | Path,
+    build: BuildConfig,
+    device: str = "cpu",
+    flags: dict[str, Any] | None = None,
+) -> EngineConfig:
+    """Build an engine for `device` from a kiln checkpoint; returns the engine's config."""
+    ckpt_dir = require_dir(checkpoint_dir, "--checkpoint_dir")
+    ckpt = load_config(ckpt_dir)
+    if build.max_seq_len > ckpt.model.max_position_embeddings:
+        print(
+            f"warning: --max_seq_len {build.max_seq_len} is beyond the model's trained context "
+            f"({ckpt.model.max_position_embeddings} positions); quality may drop past it"
+        )
+    cfg = EngineConfig(
+        model=ckpt.model,
+        build=build,
+        dtype=ckpt.dtype,
+        tp_size=ckpt.tp_size,
+        device=describe_device(device),
+        quantization=ckpt.quantization,
+        flags=flags or {},
+        versions=current_versions(),
+    )
+    with atomic_dir(output_dir) as tmp:
+        for rank in range(ckpt.tp_size):
+            tensors = _fuse_rank(ckpt_dir, ckpt.model, ckpt.dtype, rank, ckpt.tp_size)
+            save_file(tensors, str(tmp / f"rank{rank}.safetensors"), metadata={"format": "pt"})
+        save_engine_config(tmp, cfg)
+    return cfg
+
+
+def _fuse_rank(ckpt_dir: Path, model_cfg, dtype: str, rank: int, tp_size: int) -> dict[str, torch.Tensor]:
+    model = create_model(model_cfg, 1, "meta", TPGroup(rank, tp_size)).to(torch_dtype(dtype))
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    path = ckpt_dir / f"rank{rank}.safetensors"
+    for name, tensor in iter_tensors([path]):
+        try:
+            target = model.checkpoint_target(name)
+        except KeyError:
+            raise KilnError(f"{path}: unexpected tensor {name!r}; re-create the checkpoint") from None
+        if target is None:
+            continue
+        module, param, shard_id = target
+        try:
+            module.weight_loader(param, tensor, shard_id)
+        except ValueError as e:
+            raise KilnError(f"{path}: tensor {name!r} does not fit the model ({e}); re-create the checkpoint") from None
+    unfilled = [n for n, p in model.named_parameters() if torch.isnan(p).any()]
+    if unfilled:
+        raise KilnError(f"{path}: no weights for {', '.join(unfilled[:5])}; re-create the checkpoint")
+    return {k: v.contiguous() for k, v in model.state_dict().items()}

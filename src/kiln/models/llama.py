@@ -1,0 +1,134 @@
+"""The Llama-family decoder: Llama 1/2/3, Mistral (sliding window, Nemo's wide head_dim), Qwen2 (q/k/v bias).
+
+One decoder with switches from ModelConfig; module names follow Hugging Face's so that a checkpoint
+tensor name maps to its module directly, except that q/k/v and gate/up are fused (`packed_modules`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.config import ModelConfig
+from kiln.distributed.comm import SINGLE, TPGroup
+from kiln.kernels.reference import silu_and_mul
+from kiln.layers.attention import Attention, AttentionMetadata
+from kiln.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kiln.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kiln.layers.norm import RMSNorm
+from kiln.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup):
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, tp
+        )
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.rotary = [rotary]  # shared, kept out of this module's state
+        self.attn = Attention(layer, self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.sliding_windows[layer])
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)  # [n, (heads + 2 * kv_heads) * D]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary[0](positions, q, k)
+        out = self.attn(q, k, v, meta)  # [n, heads, D]
+        return self.o_proj(out.reshape(n, q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__()
+        size = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, tp)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg, layer, rotary, tp)
+        self.mlp = LlamaMLP(cfg, tp)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(positions, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device | str, tp: TPGroup):
+        super().__init__()
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, max_positions, device)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self.rotary, tp) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(ids), None  # [num_tokens, hidden]
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        return self.norm(x, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint (Hugging Face) projection name -> (runtime module name, shard id)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device | str, tp: TPGroup = SINGLE):
+        super().__init__()
+        self.config = cfg
+        self.tp = tp
+        self.model = LlamaModel(cfg, max_positions, device, tp)
+        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
+        return self.model(ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[num_seqs, hidden] -> [num_seqs, vocab_size] float32."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.logits(hidden)
+
+    def checkpoint_target(self, name: str) -> tuple[nn.Module, str, object] | None:
+        """Map a checkpoint tensor name to (module, parameter name, shard id); None if it is not used."""
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        if name == "lm_head.weight" and self.lm_head is None:
+            return None
+        module_path, _, param = name.rpartition(".")
+        parts = module_path.split(".")
+        shard_id: object = None
+        if parts[-1] in self.packed_modules:
+            parts[-1], shard_id = self.packed_modules[parts[-1]]
+        try:
+            module = self.get_submodule(".".join(parts))
+        except AttributeError:
+            raise KeyError(name) from None
+        if not hasattr(module, param):
+            raise KeyError(name)
+        return module, param, shard_id

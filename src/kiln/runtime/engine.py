@@ -1,0 +1,180 @@
+"""The LLM API: load an engine and a tokenizer, check requests against the build limits, generate.
+
+    llm = LLM("engines/smollm2", "models/hf/smollm2")
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
+
+`stream` yields text as it is produced; `generate` collects it. Both drive the same step loop:
+scheduler -> model runner -> sampler -> scheduler, with every request batched in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.builder.device import default_device
+from kiln.config import SamplingParams
+from kiln.errors import KilnError, LimitError
+from kiln.runtime.kv_cache import BlockPool
+from kiln.runtime.loader import load_engine
+from kiln.runtime.model_runner import ModelRunner
+from kiln.runtime.sampler import sample
+from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.sequence import Sequence
+from kiln.runtime.tokenizer import TextStream, load_tokenizer
+
+Prompt = str | list[int]
+
+
+@dataclass
+class RequestOutput:
+    index: int
+    prompt: Prompt
+    prompt_ids: list[int]
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    ttft_s: float = 0.0  # time to first token
+    latency_s: float = 0.0  # arrival to last token
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt
+    delta: str  # new text
+    token_ids: list[int]  # new tokens
+    finished: bool
+    output: RequestOutput
+
+
+class LLM:
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        tokenizer_dir: str | Path | None = None,
+        device: str | None = None,
+        num_kv_blocks: int | None = None,
+    ):
+        self.device = device or default_device()
+        self.model, self.config = load_engine(engine_dir, self.device)
+        self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+        build = self.config.build
+        pool = BlockPool(1, build.tokens_per_block)
+        blocks = num_kv_blocks or build.max_batch_size * pool.blocks_for(build.max_seq_len)
+        self.pool = BlockPool(blocks, build.tokens_per_block)
+        self.runner = ModelRunner(self.model, self.config, self.device, blocks)
+        self.scheduler = Scheduler(build, self.pool)
+
+    # ---- requests --------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise KilnError("text prompts need a tokenizer: pass tokenizer_dir (--tokenizer_dir)")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+        return list(prompt)
+
+    @property
+    def default_end_id(self) -> int | None:
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        return tok_eos if tok_eos is not None else self.config.model.eos_token_id
+
+    def make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
+        """Check one request against the engine's limits and turn it into a sequence."""
+        ids = self.encode(prompt)
+        build, vocab = self.config.build, self.config.model.vocab_size
+        if not ids:
+            raise KilnError("the prompt is empty: give at least one token")
+        if len(ids) > build.max_input_len:
+            raise LimitError(
+                f"the prompt has {len(ids)} tokens, more than the engine's max_input_len "
+                f"{build.max_input_len}: shorten it or rebuild with a larger --max_input_len"
+            )
+        if len(ids) + params.max_tokens > build.max_seq_len:
+            raise LimitError(
+                f"prompt ({len(ids)} tokens) + max output ({params.max_tokens}) = "
+                f"{len(ids) + params.max_tokens} tokens is more than the engine's max_seq_len "
+                f"{build.max_seq_len}: ask for at most {build.max_seq_len - len(ids)} output tokens "
+                "or rebuild with a larger --max_seq_len"
+            )
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise KilnError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        if params.end_id is None and not params.ignore_eos:
+            params = _replace(params, end_id=self.default_end_id)
+        seq = Sequence(ids, params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return seq
+
+    # ---- generation ------------------------------------------------------------------------
+    def stream(
+        self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]
+    ) -> Iterator[StreamEvent]:
+        """Generate for all prompts, in flight, yielding text as it is produced."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or a single one for all")
+        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, plist)]  # all checked before any runs
+        outputs = {s.seq_id: RequestOutput(i, p, s.prompt_ids) for i, (p, s) in enumerate(zip(prompts, seqs))}
+        texts = {s.seq_id: TextStream(self.tokenizer, s.params.stop) if self.tokenizer else None for s in seqs}
+        for seq in seqs:
+            self.scheduler.add(seq)
+        try:
+            while any(not s.finished for s in seqs):
+                for seq, new_ids in self.step():
+                    yield self._event(seq, new_ids, outputs[seq.seq_id], texts[seq.seq_id])
+        finally:
+            for seq in seqs:
+                self.scheduler.finish(seq, "cancelled")
+
+    def generate(
+        self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        results: dict[int, RequestOutput] = {}
+        for event in self.stream(prompts, params or SamplingParams()):
+            results[event.index] = event.output
+        return [results[i] for i in range(len(prompts))]
+
+    def step(self) -> list[tuple[Sequence, list[int]]]:
+        """Run one scheduler step; returns (sequence, its new token ids) for those that got one."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            raise RuntimeError("no sequence could be scheduled: the KV cache is too small for a request")
+        to_sample, logits = self.runner.run(batch)
+        tokens = sample(logits, to_sample)
+        now = time.perf_counter()
+        for seq in to_sample:
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+        advanced = self.scheduler.update(batch, {s.seq_id: t for s, t in zip(to_sample, tokens)})
+        return [(seq, [seq.output_ids[-1]]) for seq in advanced]
+
+    def _event(
+        self, seq: Sequence, new_ids: list[int], out: RequestOutput, text: TextStream | None
+    ) -> StreamEvent:
+        delta = ""
+        if text is not None:
+            visible = seq.output_ids
+            if seq.finish_reason == "stop" and seq.params.end_id is not None and visible[-1:] == [seq.params.end_id]:
+                visible = visible[:-1]
+            delta = text.update(visible, final=seq.finished)
+            if text.stop_hit:  # the stop string's text was cut and everything before it emitted
+                self.scheduler.finish(seq, "stop")
+            out.text = text.text
+        out.output_ids = list(seq.output_ids)
+        out.finish_reason = seq.finish_reason
+        now = time.perf_counter()
+        out.ttft_s = (seq.first_token_time or now) - seq.arrival
+        out.latency_s = now - seq.arrival
+        return StreamEvent(out.index, delta, new_ids, seq.finished, out)
+
+
+def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, **changes)

@@ -1,0 +1,29 @@
+"""Engine folder -> a ready model on the device, streamed tensor by tensor onto a meta-built model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kiln.builder.engine_file import EngineConfig, load_engine_config
+from kiln.checkpoint.safetensors_io import iter_tensors
+from kiln.distributed.comm import SINGLE, TPGroup
+from kiln.errors import KilnError
+from kiln.models.llama import LlamaForCausalLM
+from kiln.models.registry import create_model
+
+
+def load_engine(
+    engine_dir: str | Path, device: str, tp: TPGroup = SINGLE
+) -> tuple[LlamaForCausalLM, EngineConfig]:
+    cfg = load_engine_config(engine_dir, device)
+    if cfg.tp_size != tp.size:
+        raise KilnError(f"--engine_dir {engine_dir} has {cfg.tp_size} ranks but {tp.size} processes were started")
+    model = create_model(cfg.model, cfg.build.max_seq_len, device, tp)
+    path = Path(engine_dir) / f"rank{tp.rank}.safetensors"
+    state = dict(iter_tensors([path], device=device))
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise KilnError(f"{path} does not match engine.json ({first}); rebuild the engine") from None
+    return model.eval(), cfg

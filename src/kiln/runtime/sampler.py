@@ -1,0 +1,58 @@
+"""Token selection with every option per sequence: penalties, temperature, top-k, top-p, seeds.
+
+Order (as Hugging Face and TensorRT-LLM apply them): repetition penalty over prompt and output,
+presence and frequency penalties over the output, then greedy argmax, or temperature, top-k, top-p
+and a draw from the sequence's own generator (so a seed reproduces a request whatever it is batched with).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.runtime.sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """logits: [num_seqs, vocab] float32, modified in place and returned."""
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.int64, device=logits.device)
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.output_ids:
+            out = torch.tensor(seq.output_ids, dtype=torch.int64, device=logits.device)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """logits: [vocab] -> same with tokens outside the top-k / top-p nucleus set to -inf."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep until the mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    """logits: [num_seqs, vocab] float32 -> one token id per sequence."""
+    if not seqs:
+        return []
+    logits = apply_penalties(logits, seqs)
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = []
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.greedy:
+            tokens.append(greedy[row])
+            continue
+        row_logits = filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(row_logits, dim=-1)
+        tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator).item()))
+    return tokens
