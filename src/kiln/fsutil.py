@@ -29,6 +29,9 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     if target.exists() and not target.is_dir():
         raise KilnError(f"output path {target} exists and is not a folder: choose another --output_dir")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the artifact gets normal permissions
     try:
         yield tmp
         if target.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -21,8 +22,14 @@ def read_hf_config(model_dir: Path) -> ModelConfig:
     return ModelConfig.from_hf(read_json(model_dir / "config.json", "--model_dir"))
 
 
-def convert_hf(model_dir: str | Path, output_dir: str | Path, dtype: str = "float16", tp_size: int = 1) -> Path:
-    """Write a checkpoint of `tp_size` ranks; returns its folder."""
+def convert_hf(
+    model_dir: str | Path,
+    output_dir: str | Path,
+    dtype: str = "float16",
+    tp_size: int = 1,
+    extra_files: list[Path] = (),  # type: ignore[assignment]
+) -> Path:
+    """Write a checkpoint of `tp_size` ranks; returns its folder. `extra_files` are copied in as is."""
     model_dir = require_dir(model_dir, "--model_dir")
     if tp_size < 1:
         raise KilnError(f"--tp_size {tp_size} is invalid: it must be 1 or more")
@@ -40,7 +47,13 @@ def convert_hf(model_dir: str | Path, output_dir: str | Path, dtype: str = "floa
             continue
         tensor = tensor.to(target_dtype)
         for rank, (module, param, shard_id) in enumerate(targets):  # type: ignore[misc]
-            shards[rank][name] = module.shard(param, tensor, shard_id)
+            try:
+                shards[rank][name] = module.shard(param, tensor, shard_id)
+            except ValueError as e:
+                raise KilnError(
+                    f"--model_dir {model_dir}: tensor {name!r} of shape {tuple(tensor.shape)} does not fit "
+                    f"{cfg.architecture} with --tp_size {tp_size} ({e})"
+                ) from None
     _check_complete(models[0], shards[0], model_dir)
     out = Path(output_dir)
     with atomic_dir(out) as tmp:
@@ -48,6 +61,8 @@ def convert_hf(model_dir: str | Path, output_dir: str | Path, dtype: str = "floa
             save_file(tensors, str(tmp / f"rank{rank}.safetensors"), metadata={"format": "pt"})
         source = f"{model_dir.resolve()} ({time.strftime('%Y-%m-%d %H:%M:%S')})"
         save_config(tmp, CheckpointConfig(model=cfg, dtype=dtype, tp_size=tp_size, source=source))
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / extra.name)
     return out
 
 

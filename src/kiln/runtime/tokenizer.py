@@ -40,10 +40,9 @@ class TextStream:
     def update(self, ids: list[int], final: bool = False) -> str:
         """Decode `ids` (the whole output so far); return the new text that is safe to show."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        for s in self.stop:
-            at = text.find(s)
-            if at != -1:
-                text, final, self.stop_hit = text[:at], True, True
+        found = [at for at in (text.find(s) for s in self.stop) if at != -1]
+        if found:  # cut before the earliest stop string, whatever their order in `stop`
+            text, final, self.stop_hit = text[: min(found)], True, True
         self.text = text
         end = len(text)
         if not final:

@@ -1,0 +1,70 @@
+"""kiln convert: a Hugging Face folder (or a GGUF file) -> a kiln checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from kiln.cli.options import positive_int
+from kiln.config import DTYPES
+from kiln.errors import KilnError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a Hugging Face model (or GGUF file) into a kiln checkpoint",
+        description="Write a checkpoint folder (config.json + rank{i}.safetensors) from a Hugging Face "
+        "model folder or a GGUF file. Written atomically: an interrupted run leaves nothing behind.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model_dir", help="Hugging Face model folder (config.json + *.safetensors)")
+    src.add_argument("--gguf", help="a GGUF file; it is dequantized, and its tokenizer saved in the checkpoint")
+    p.add_argument("--output_dir", required=True, help="checkpoint folder to write")
+    p.add_argument(
+        "--dtype", default="auto", choices=("auto",) + DTYPES,
+        help="weight dtype of the checkpoint; auto takes the model's own (float16 if it names none)",
+    )
+    p.add_argument("--tp_size", type=positive_int, default=1, help="tensor-parallel ranks to shard into")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from kiln.checkpoint.convert import convert_hf
+
+    start = time.perf_counter()
+    if args.gguf:
+        from kiln.checkpoint.gguf import gguf_to_hf
+
+        with tempfile.TemporaryDirectory(prefix="kiln-gguf-") as tmp:
+            hf_dir = gguf_to_hf(args.gguf, Path(tmp) / "hf")
+            dtype = resolve_dtype(args.dtype, hf_dir)
+            out = convert_hf(hf_dir, args.output_dir, dtype, args.tp_size, extra_files=tokenizer_files(hf_dir))
+    else:
+        dtype = resolve_dtype(args.dtype, Path(args.model_dir))
+        out = convert_hf(args.model_dir, args.output_dir, dtype, args.tp_size)
+    print(f"checkpoint written to {out} ({dtype}, tp_size {args.tp_size}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def resolve_dtype(dtype: str, model_dir: Path) -> str:
+    if dtype != "auto":
+        return dtype
+    import json
+
+    try:
+        hf = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "float16"  # convert_hf reports the real problem with the folder
+    own = hf.get("dtype") or hf.get("torch_dtype") or "float16"
+    if own not in DTYPES:
+        raise KilnError(f"--dtype auto: the model's dtype {own!r} is not one of {', '.join(DTYPES)}; pass --dtype")
+    return own
+
+
+def tokenizer_files(hf_dir: Path) -> list[Path]:
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+             "generation_config.json")
+    return [hf_dir / n for n in names if (hf_dir / n).is_file()]

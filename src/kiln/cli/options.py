@@ -1,0 +1,43 @@
+"""Argument types shared by the subcommands, with messages that name the flag and the limit."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be 1 or more")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be 0 or more")
+    return value
+
+
+def enable_disable(text: str) -> bool:
+    """TensorRT-LLM's `enable`/`disable` switch values (also true/false)."""
+    value = text.lower()
+    if value in ("enable", "true", "1", "yes"):
+        return True
+    if value in ("disable", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is invalid: use enable or disable")
+
+
+def add_switch(parser: argparse.ArgumentParser, flag: str, default: bool, help: str) -> None:
+    """`--flag`, `--flag enable` or `--flag disable`, as trtllm-build accepts them."""
+    parser.add_argument(
+        flag, type=enable_disable, nargs="?", const=True, default=default, metavar="{enable,disable}",
+        help=f"{help} (default: {'enable' if default else 'disable'})",
+    )
