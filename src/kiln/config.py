@@ -46,6 +46,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    o_proj_bias: bool = False  # Llama's attention_bias also puts a bias on o_proj (Qwen2's does not)
     # Per layer: the sliding attention window in tokens, or 0 for full attention.
     sliding_windows: tuple[int, ...] = ()
     bos_token_id: int | None = None
@@ -87,6 +88,7 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            o_proj_bias=arch == "LlamaForCausalLM" and bool(hf.get("attention_bias", False)),
             sliding_windows=_sliding_windows_from_hf(hf, arch, num_layers),
             bos_token_id=_first_id(hf.get("bos_token_id")),
             eos_token_id=_first_id(hf.get("eos_token_id")),

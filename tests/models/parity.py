@@ -96,6 +96,12 @@ VARIANTS: dict[str, Variant] = {
         dict(num_key_value_heads=2, head_dim=32, sliding_window=None),
         expect=dict(head_dim=32, sliding_windows=(0, 0)),
     ),
+    # Llama with attention_bias: transformers then has a bias on q, k, v and o.
+    "llama-attn-bias": Variant(
+        "LlamaConfig", "LlamaForCausalLM",
+        dict(num_key_value_heads=2, attention_bias=True),
+        expect=dict(qkv_bias=True),
+    ),
     # Qwen2: q/k/v bias, GQA, tied embeddings (as Qwen2-0.5B).
     "qwen2": Variant(
         "Qwen2Config", "Qwen2ForCausalLM",

@@ -96,6 +96,8 @@ TENSOR_EDITS = {
     "wrong_shape_embedding": lambda fused: _reshape("model.embed_tokens.weight", (160, 32)),
     "wrong_rank": lambda fused: _reshape("model.norm.weight", (64, 1)),
     "unexpected_tensor": lambda fused: _add("model.layers.0.self_attn.rotary.extra", (4,)),
+    # a bias the architecture does not have (Qwen2 has none on o_proj or the MLP)
+    "unexpected_bias": lambda fused: _add("model.layers.0.mlp.down_proj.bias", (64,)),
 }
 
 

@@ -105,13 +105,16 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial outputs summed by all-reduce."""
+    """Input features split across ranks; partial outputs summed by all-reduce, then the bias (replicated) added."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup = SINGLE):
-        super().__init__(in_features // tp.size, out_features, False, tp)
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup = SINGLE, bias: bool = False):
+        super().__init__(in_features // tp.size, out_features, bias, tp)
 
     def shard(self, name: str, full: torch.Tensor, shard_id: object = None) -> torch.Tensor:
+        if name == "bias":
+            return full
         return _split(full, 1, self.tp.rank, self.tp.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias

@@ -25,7 +25,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, tp
         )
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp, bias=cfg.o_proj_bias)
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -129,6 +129,6 @@ class LlamaForCausalLM(nn.Module):
             module = self.get_submodule(".".join(parts))
         except AttributeError:
             raise KeyError(name) from None
-        if not hasattr(module, param):
+        if not isinstance(getattr(module, param, None), nn.Parameter):  # e.g. a bias this layer does not have
             raise KeyError(name)
         return module, param, shard_id

@@ -1,0 +1,46 @@
+"""Fixtures shared by every test folder: the real SmolLM2 model folder, and a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (converted once from the GGUF, cached in KILN_HOME)."""
+    from kiln.assets import smollm2_hf_dir
+
+    return smollm2_hf_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Llama (GQA, untied) saved as a Hugging Face folder, with SmolLM2's tokenizer
+    vocabulary size replaced by a tiny one; no tokenizer files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.1, tie_word_embeddings=False,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama-hf")
+    LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
