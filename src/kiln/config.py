@@ -51,6 +51,8 @@ class ModelConfig:
     sliding_windows: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    # Every end-of-sequence id the model declares (Llama 3.1 Instruct has three); any of them ends a reply.
+    eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.sliding_windows:
@@ -92,6 +94,7 @@ class ModelConfig:
             sliding_windows=_sliding_windows_from_hf(hf, arch, num_layers),
             bos_token_id=_first_id(hf.get("bos_token_id")),
             eos_token_id=_first_id(hf.get("eos_token_id")),
+            eos_token_ids=_all_ids(hf.get("eos_token_id")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +105,7 @@ class ModelConfig:
         d = dict(d)
         d["rope"] = RopeConfig(**d.get("rope", {}))
         d["sliding_windows"] = tuple(d.get("sliding_windows", ()))
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
 
 
@@ -116,6 +120,12 @@ def _first_id(value: Any) -> int | None:
     if isinstance(value, list):
         return int(value[0]) if value else None
     return None if value is None else int(value)
+
+
+def _all_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
 
 
 def _rope_from_hf(hf: dict[str, Any]) -> RopeConfig:
@@ -170,7 +180,7 @@ class BuildConfig:
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KilnError(f"--{name} {value!r} is invalid: it must be a positive integer")
         if self.max_input_len > self.max_seq_len:
             raise KilnError(
@@ -210,7 +220,7 @@ class SamplingParams:
         checks = [
             ("max_tokens", self.max_tokens >= 1, "at least 1"),
             ("temperature", self.temperature >= 0, "0 (greedy) or more"),
-            ("top_k", self.top_k >= 0, "0 (off) or more"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer, 0 (off) or more"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "more than 0"),
         ]

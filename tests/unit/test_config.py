@@ -8,7 +8,6 @@ import pytest
 from kiln.config import BuildConfig, ModelConfig, RopeConfig, SamplingParams
 from kiln.errors import KilnError
 
-
 # ---- config.json dicts, as published (trimmed to the keys that matter) -------------------------------
 
 def llama2_7b():

@@ -42,8 +42,8 @@ def test_column_parallel_shard_weight_and_bias():
     layers = ranks(ColumnParallelLinear, 6, 8, bias=True)
     for layer in layers:
         assert layer.weight.shape == (4, 6) and layer.bias.shape == (4,)
-    ws = [l.shard("weight", full_w) for l in layers]
-    bs = [l.shard("bias", full_b) for l in layers]
+    ws = [layer.shard("weight", full_w) for layer in layers]
+    bs = [layer.shard("bias", full_b) for layer in layers]
     assert all(w.shape == (4, 6) for w in ws)
     assert not torch.equal(ws[0], ws[1])
     assert torch.equal(torch.cat(ws, 0), full_w)
@@ -66,7 +66,7 @@ def test_row_parallel_shard_splits_input_dim():
     layers = ranks(RowParallelLinear, 8, 5)
     for layer in layers:
         assert layer.weight.shape == (5, 4) and layer.bias is None
-    ws = [l.shard("weight", full) for l in layers]
+    ws = [layer.shard("weight", full) for layer in layers]
     assert all(w.shape == (5, 4) for w in ws)
     assert torch.equal(torch.cat(ws, 1), full)
 
@@ -209,9 +209,9 @@ def test_qkv_tp4_two_kv_heads_replicated_per_pair_of_ranks():
     q, k, v = qkv_full(hidden, hd, heads, kvh)
     with META:
         layers = [QKVParallelLinear(hidden, hd, heads, kvh, bias=False, tp=TPGroup(r, 4)) for r in range(4)]
-    ks = [l.shard("weight", k, "k") for l in layers]
-    vs = [l.shard("weight", v, "v") for l in layers]
-    qs = [l.shard("weight", q, "q") for l in layers]
+    ks = [layer.shard("weight", k, "k") for layer in layers]
+    vs = [layer.shard("weight", v, "v") for layer in layers]
+    qs = [layer.shard("weight", q, "q") for layer in layers]
     # query heads 2r, 2r+1 on rank r belong to KV head (2r) // 4 = r // 2
     for r in range(4):
         assert torch.equal(ks[r], k[(r // 2) * hd : (r // 2 + 1) * hd])
@@ -265,9 +265,9 @@ def test_vocab_embedding_shards_concat_to_full(vocab):
     full = torch.randn(vocab, 4)
     layers = ranks(VocabParallelEmbedding, vocab, 4)
     rows = -(-vocab // 2)
-    shards = [l.shard("weight", full) for l in layers]
+    shards = [layer.shard("weight", full) for layer in layers]
     assert all(s.shape == (rows, 4) for s in shards)
-    assert [l.start for l in layers] == [0, rows]
+    assert [layer.start for layer in layers] == [0, rows]
     cat = torch.cat(shards, 0)
     assert torch.equal(cat[:vocab], full)
     assert torch.all(cat[vocab:] == 0)  # padding rows

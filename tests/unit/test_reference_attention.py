@@ -63,7 +63,7 @@ def check(seq_lens, query_lens, heads, kv_heads, head_dim, block_size, window=0,
     out = paged_attention(q, k_cache, v_cache, tables, seq_lens, query_lens, scale, sliding_window=window)
     assert out.shape == q.shape and out.dtype == q.dtype
     start = 0
-    for n, ql, k, v in zip(seq_lens, query_lens, ks, vs):
+    for ql, k, v in zip(query_lens, ks, vs):
         want = dense_attention(q[start : start + ql], k, v, scale, window)
         torch.testing.assert_close(out[start : start + ql].float(), want, atol=atol, rtol=atol)
         start += ql

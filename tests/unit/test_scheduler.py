@@ -1,13 +1,12 @@
 """Scheduler and BlockPool: admission, chunked prefill, decode priority, stop reasons, freeing blocks."""
 
 import pytest
+import torch
 
 from kiln.config import BuildConfig, SamplingParams
 from kiln.runtime.kv_cache import BlockPool, allocate_kv_cache
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.sequence import Sequence, Status
-
-import torch
 
 
 def make(num_blocks=64, block_size=4, **build):

@@ -9,11 +9,11 @@ scheduler -> model runner -> sampler -> scheduler, with every request batched in
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -105,7 +105,9 @@ class LLM:
         if bad:
             raise KilnError(f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         if params.end_id is None and not params.ignore_eos:
-            params = _replace(params, end_id=self.default_end_id)
+            end_id = self.default_end_id
+            others = tuple((e,) for e in self.config.model.eos_token_ids if e != end_id)
+            params = dataclasses.replace(params, end_id=end_id, stop_token_ids=params.stop_token_ids + others)
         seq = Sequence(ids, params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -173,8 +175,3 @@ class LLM:
         out.latency_s = now - seq.arrival
         return StreamEvent(out.index, delta, new_ids, seq.finished, out)
 
-
-def _replace(params: SamplingParams, **changes: Any) -> SamplingParams:
-    import dataclasses
-
-    return dataclasses.replace(params, **changes)
