@@ -13,13 +13,14 @@ from safetensors.torch import save_file
 
 from kiln.builder.device import describe_device
 from kiln.builder.engine_file import EngineConfig, current_versions, save_engine_config
-from kiln.checkpoint.format import load_config, torch_dtype
+from kiln.checkpoint.format import CheckpointConfig, load_config, torch_dtype
 from kiln.checkpoint.safetensors_io import iter_tensors
 from kiln.config import BuildConfig
 from kiln.distributed.comm import TPGroup
 from kiln.errors import KilnError
 from kiln.fsutil import atomic_dir, require_dir
 from kiln.models.registry import create_model
+from kiln.quant.methods import QuantConfig
 
 
 def build_engine(
@@ -49,18 +50,18 @@ def build_engine(
     )
     with atomic_dir(output_dir) as tmp:
         for rank in range(ckpt.tp_size):
-            tensors = _fuse_rank(ckpt_dir, ckpt.model, ckpt.dtype, rank, ckpt.tp_size)
+            tensors = _fuse_rank(ckpt_dir, ckpt, rank)
             save_file(tensors, str(tmp / f"rank{rank}.safetensors"), metadata={"format": "pt"})
         save_engine_config(tmp, cfg)
     return cfg
 
 
-def _fuse_rank(ckpt_dir: Path, model_cfg, dtype: str, rank: int, tp_size: int) -> dict[str, torch.Tensor]:
-    model = create_model(model_cfg, 1, "meta", TPGroup(rank, tp_size)).to(torch_dtype(dtype))
+def _fuse_rank(ckpt_dir: Path, ckpt: CheckpointConfig, rank: int) -> dict[str, torch.Tensor]:
+    quant = QuantConfig.from_dict(ckpt.quantization)
+    model = create_model(ckpt.model, 1, "meta", TPGroup(rank, ckpt.tp_size), quant, torch_dtype(ckpt.dtype))
     model.to_empty(device="cpu")
-    for p in model.parameters():
-        p.data.fill_(float("nan"))
     path = ckpt_dir / f"rank{rank}.safetensors"
+    names = []
     for name, tensor in iter_tensors([path]):
         try:
             target = model.checkpoint_target(name)
@@ -73,7 +74,8 @@ def _fuse_rank(ckpt_dir: Path, model_cfg, dtype: str, rank: int, tp_size: int) -
             module.weight_loader(param, tensor, shard_id)
         except ValueError as e:
             raise KilnError(f"{path}: tensor {name!r} does not fit the model ({e}); re-create the checkpoint") from None
-    unfilled = [n for n, p in model.named_parameters() if torch.isnan(p).any()]
-    if unfilled:
-        raise KilnError(f"{path}: no weights for {', '.join(unfilled[:5])}; re-create the checkpoint")
+        names.append(name)
+    missing = model.missing_parameters(names)
+    if missing:
+        raise KilnError(f"{path}: no weights for {', '.join(missing[:5])}; re-create the checkpoint")
     return {k: v.contiguous() for k, v in model.state_dict().items()}

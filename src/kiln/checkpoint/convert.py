@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from kiln.distributed.comm import TPGroup
 from kiln.errors import KilnError
 from kiln.fsutil import atomic_dir, read_json, require_dir
 from kiln.models.registry import create_model
+from kiln.quant.methods import QuantConfig
+from kiln.quant.rtn import is_quantized_linear, quantize_weight
 
 
 def read_hf_config(model_dir: Path) -> ModelConfig:
@@ -28,50 +31,77 @@ def convert_hf(
     dtype: str = "float16",
     tp_size: int = 1,
     extra_files: list[Path] = (),  # type: ignore[assignment]
+    quant: QuantConfig | None = None,
 ) -> Path:
-    """Write a checkpoint of `tp_size` ranks; returns its folder. `extra_files` are copied in as is."""
+    """Write a checkpoint of `tp_size` ranks; returns its folder. `extra_files` are copied in as is.
+
+    With `quant`, linear weights are quantized round-to-nearest as they stream through.
+    """
     model_dir = require_dir(model_dir, "--model_dir")
+    cfg = read_hf_config(model_dir)
+    files = hf_weight_files(model_dir)
+    source = f"{model_dir.resolve()} ({time.strftime('%Y-%m-%d %H:%M:%S')})"
+    return write_checkpoint(
+        cfg, iter_tensors(files), output_dir, dtype, tp_size, quant, extra_files, source, f"--model_dir {model_dir}"
+    )
+
+
+def write_checkpoint(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    output_dir: str | Path,
+    dtype: str,
+    tp_size: int,
+    quant: QuantConfig | None = None,
+    extra_files: list[Path] = (),  # type: ignore[assignment]
+    source: str = "",
+    where: str = "the model",
+    prequantized: bool = False,
+) -> Path:
+    """Cast (and quantize, unless `prequantized`), shard per rank and write the checkpoint atomically."""
     if tp_size < 1:
         raise KilnError(f"--tp_size {tp_size} is invalid: it must be 1 or more")
-    cfg = read_hf_config(model_dir)
+    quant = quant or QuantConfig()
     target_dtype = torch_dtype(dtype)
-    files = hf_weight_files(model_dir)
-    models = [create_model(cfg, 1, "meta", TPGroup(r, tp_size)) for r in range(tp_size)]
+    try:
+        models = [create_model(cfg, 1, "meta", TPGroup(r, tp_size), quant) for r in range(tp_size)]
+    except ValueError as e:  # the layers refuse a model that does not split into tp_size ranks
+        raise KilnError(f"--tp_size {tp_size} does not fit {cfg.architecture}: {e}") from None
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tp_size)]
-    for name, tensor in iter_tensors(files):
-        try:
-            targets = [m.checkpoint_target(name) for m in models]
-        except KeyError:
-            raise KilnError(f"--model_dir {model_dir}: unexpected tensor {name!r} for {cfg.architecture}") from None
-        if targets[0] is None:
-            continue
-        tensor = tensor.to(target_dtype)
-        for rank, (module, param, shard_id) in enumerate(targets):  # type: ignore[misc]
-            try:
-                shards[rank][name] = module.shard(param, tensor, shard_id)
-            except ValueError as e:
-                raise KilnError(
-                    f"--model_dir {model_dir}: tensor {name!r} of shape {tuple(tensor.shape)} does not fit "
-                    f"{cfg.architecture} with --tp_size {tp_size} ({e})"
-                ) from None
-    _check_complete(models[0], shards[0], model_dir)
+    for src_name, src_tensor in tensors:
+        if quant.algo and not prequantized and is_quantized_linear(src_name):
+            parts = quantize_weight(src_name, src_tensor, quant, target_dtype, tp_size)
+        else:
+            parts = {src_name: src_tensor if prequantized and not src_tensor.is_floating_point()
+                     else src_tensor.to(target_dtype)}
+        for name, tensor in parts.items():
+            _add_to_shards(models, shards, name, tensor, cfg, where, tp_size)
+    missing = models[0].missing_parameters(list(shards[0]))
+    if missing:
+        raise KilnError(f"{where}: weights missing for {', '.join(missing[:5])}")
     out = Path(output_dir)
     with atomic_dir(out) as tmp:
-        for rank, tensors in enumerate(shards):
-            save_file(tensors, str(tmp / f"rank{rank}.safetensors"), metadata={"format": "pt"})
-        source = f"{model_dir.resolve()} ({time.strftime('%Y-%m-%d %H:%M:%S')})"
-        save_config(tmp, CheckpointConfig(model=cfg, dtype=dtype, tp_size=tp_size, source=source))
+        for rank, rank_tensors in enumerate(shards):
+            save_file(rank_tensors, str(tmp / f"rank{rank}.safetensors"), metadata={"format": "pt"})
+        ckpt = CheckpointConfig(model=cfg, dtype=dtype, tp_size=tp_size, quantization=quant.to_dict(), source=source)
+        save_config(tmp, ckpt)
         for extra in extra_files:
             shutil.copy2(extra, tmp / extra.name)
     return out
 
 
-def _check_complete(model: torch.nn.Module, tensors: dict[str, torch.Tensor], model_dir: Path) -> None:
-    """Every runtime parameter must be fed by some checkpoint tensor."""
-    fed = set()
-    for name in tensors:
-        module, param, _ = model.checkpoint_target(name)  # type: ignore[attr-defined, misc]
-        fed.add(id(getattr(module, param)))
-    missing = [n for n, p in model.named_parameters() if id(p) not in fed]
-    if missing:
-        raise KilnError(f"--model_dir {model_dir}: weights missing for {', '.join(missing[:5])}")
+def _add_to_shards(models, shards, name, tensor, cfg, where, tp_size) -> None:  # noqa: ANN001
+    try:
+        targets = [m.checkpoint_target(name) for m in models]
+    except KeyError:
+        raise KilnError(f"{where}: unexpected tensor {name!r} for {cfg.architecture}") from None
+    if targets[0] is None:
+        return
+    for rank, (module, param, shard_id) in enumerate(targets):  # type: ignore[misc]
+        try:
+            shards[rank][name] = module.shard(param, tensor, shard_id)
+        except ValueError as e:
+            raise KilnError(
+                f"{where}: tensor {name!r} of shape {tuple(tensor.shape)} does not fit "
+                f"{cfg.architecture} with --tp_size {tp_size} ({e})"
+            ) from None

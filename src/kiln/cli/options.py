@@ -15,6 +15,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_int(text: str) -> int:
+    """A random seed: any integer that fits in 64 bits (what torch.Generator.manual_seed takes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: it must fit in 64 bits (0 to {2**64 - 1})")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kiln.cli.options import non_negative_float, positive_int
+from kiln.cli.options import non_negative_float, positive_int, seed_int
 from kiln.errors import KilnError
 
 
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeating any seen token")
     s.add_argument("--presence_penalty", type=float, default=0.0, help="subtracted once from every generated token")
     s.add_argument("--frequency_penalty", type=float, default=0.0, help="subtracted per occurrence of a generated token")
-    s.add_argument("--random_seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    s.add_argument("--random_seed", type=seed_int, default=None, help="seed for sampling (reproducible output)")
     s.add_argument("--end_id", type=int, default=None, help="token id that ends generation (default: the tokenizer's eos)")
     s.add_argument("--stop_words", nargs="+", action="extend", default=[], help="strings that end generation")
     p.add_argument("--streaming", action="store_true", help="print text as it is generated")
@@ -67,16 +67,17 @@ def main(args: argparse.Namespace) -> int:
         stop=tuple(args.stop_words),
     )
     llm = LLM(args.engine_dir, args.tokenizer_dir, device=args.device)
+    shown = list(prompts)  # what the user gave, printed and written as "input" (not the templated ids)
     if args.use_chat_template:
         prompts = [chat_prompt(llm.tokenizer, p) if isinstance(p, str) else p for p in prompts]
     start = time.perf_counter()
-    outputs = generate_and_print(llm, prompts, params, args.streaming)
+    outputs = generate_and_print(llm, prompts, params, args.streaming, shown)
     elapsed = time.perf_counter() - start
     print_speed(outputs, elapsed)
     if args.output_csv:
         write_atomic(Path(args.output_csv), "".join(",".join(map(str, o.output_ids)) + "\n" for o in outputs))
     if args.output_json:
-        write_atomic(Path(args.output_json), json.dumps(json_report(outputs, elapsed), indent=2) + "\n")
+        write_atomic(Path(args.output_json), json.dumps(json_report(outputs, elapsed, shown), indent=2) + "\n")
     return 0
 
 
@@ -108,12 +109,16 @@ def chat_prompt(tokenizer: Any, text: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
-def generate_and_print(llm: Any, prompts: list[Any], params: Any, streaming: bool) -> list[Any]:
-    """Print each input and its output as TensorRT-LLM's run.py does; stream one input at a time."""
+def generate_and_print(
+    llm: Any, prompts: list[Any], params: Any, streaming: bool, shown: list[Any] | None = None
+) -> list[Any]:
+    """Print each input (as `shown`, default the prompts) and its output as TensorRT-LLM's run.py does;
+    stream one input at a time."""
+    shown = prompts if shown is None else shown
     if not streaming:
         outputs = llm.generate(prompts, params)
         for o in outputs:
-            print(f'Input [Text {o.index}]: "{o.prompt}"\nOutput [Text {o.index} Beam 0]: "{o.text}"')
+            print(f'Input [Text {o.index}]: "{shown[o.index]}"\nOutput [Text {o.index} Beam 0]: "{o.text}"')
         return outputs
     n = len(prompts)
     outputs: list[Any] = [None] * n
@@ -121,7 +126,7 @@ def generate_and_print(llm: Any, prompts: list[Any], params: Any, streaming: boo
     live = 0  # the input whose text streams to the terminal; later ones are shown when it ends
 
     def show(i: int) -> None:
-        print(f'Input [Text {i}]: "{prompts[i]}"\nOutput [Text {i} Beam 0]: {texts[i]}', end="", flush=True)
+        print(f'Input [Text {i}]: "{shown[i]}"\nOutput [Text {i} Beam 0]: {texts[i]}', end="", flush=True)
 
     show(live)
     for ev in llm.stream(prompts, params):
@@ -148,12 +153,12 @@ def print_speed(outputs: list[Any], elapsed: float) -> None:
     )
 
 
-def json_report(outputs: list[Any], elapsed: float) -> dict[str, Any]:
+def json_report(outputs: list[Any], elapsed: float, shown: list[Any] | None = None) -> dict[str, Any]:
     tokens = sum(len(o.output_ids) for o in outputs)
     return {
         "outputs": [
             {
-                "input": o.prompt,
+                "input": o.prompt if shown is None else shown[o.index],
                 "input_token_ids": o.prompt_ids,
                 "output_text": o.text,
                 "output_token_ids": o.output_ids,

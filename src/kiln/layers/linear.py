@@ -9,11 +9,11 @@ the runtime layout). The sharding rule lives here and nowhere else.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kiln.distributed.comm import SINGLE, TPGroup
 from kiln.layers.base import WeightLoading
+from kiln.quant.methods import QuantConfig, quant_method
 
 
 def _split(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
@@ -25,25 +25,34 @@ def _split(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 
 
 class LinearBase(WeightLoading):
-    """y = x W^T (+ b), W of shape [out_features, in_features] local to this rank."""
+    """y = x W^T (+ b), W of shape [out_features, in_features] local to this rank.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup):
+    The quantization method decides which tensors hold W (`weight`, or `qweight`/`scales`/`zeros`, ...);
+    all of them have out_features as their first dimension.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TPGroup, quant: QuantConfig | None):
         super().__init__()
         self.tp = tp
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.quant_method = quant_method(quant)
+        self.quant_method.create_weights(self, in_features, out_features)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = self.quant_method.apply(self, x)
+        return y if self.bias is None else y + self.bias
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, tp: TPGroup = SINGLE):
-        super().__init__(in_features, out_features // tp.size, bias, tp)
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, tp: TPGroup = SINGLE,
+        quant: QuantConfig | None = None,
+    ):
+        super().__init__(in_features, out_features // tp.size, bias, tp, quant)
 
     def shard(self, name: str, full: torch.Tensor, shard_id: object = None) -> torch.Tensor:
         return _split(full, 0, self.tp.rank, self.tp.size)
@@ -52,9 +61,12 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input fused into one matmul (gate and up)."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp: TPGroup = SINGLE):
+    def __init__(
+        self, in_features: int, out_sizes: list[int], bias: bool = False, tp: TPGroup = SINGLE,
+        quant: QuantConfig | None = None,
+    ):
         self.out_sizes = out_sizes
-        super().__init__(in_features, sum(out_sizes), bias, tp)
+        super().__init__(in_features, sum(out_sizes), bias, tp, quant)
 
     def weight_loader(self, name: str, local: torch.Tensor, shard_id: object = None) -> None:
         assert isinstance(shard_id, int)
@@ -71,7 +83,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections fused; heads split across ranks, KV heads replicated when fewer than ranks."""
 
     def __init__(
-        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup = SINGLE
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool, tp: TPGroup = SINGLE,
+        quant: QuantConfig | None = None,
     ):
         if num_heads % tp.size:
             raise ValueError(f"{num_heads} attention heads do not split into {tp.size} ranks")
@@ -82,7 +95,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_kv_heads = max(1, num_kv_heads // tp.size)  # per rank
         self.total_kv_heads = num_kv_heads
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp.size
-        super().__init__(hidden, out, bias, tp)
+        super().__init__(hidden, out, bias, tp, quant)
 
     def _range(self, shard_id: object) -> tuple[int, int]:
         """(offset, size) of q, k or v inside this rank's fused output, in features."""
@@ -107,14 +120,17 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial outputs summed by all-reduce, then the bias (replicated) added."""
 
-    def __init__(self, in_features: int, out_features: int, tp: TPGroup = SINGLE, bias: bool = False):
-        super().__init__(in_features // tp.size, out_features, bias, tp)
+    def __init__(
+        self, in_features: int, out_features: int, tp: TPGroup = SINGLE, bias: bool = False,
+        quant: QuantConfig | None = None,
+    ):
+        super().__init__(in_features // tp.size, out_features, bias, tp, quant)
 
     def shard(self, name: str, full: torch.Tensor, shard_id: object = None) -> torch.Tensor:
-        if name == "bias":
-            return full
+        if full.dim() == 1 or (name in ("scales", "zeros") and full.shape[1] == 1):
+            return full  # bias and per-output-channel scales: every rank needs all of them
         return _split(full, 1, self.tp.rank, self.tp.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        out = self.tp.all_reduce(self.quant_method.apply(self, x))
         return out if self.bias is None else out + self.bias

@@ -17,15 +17,20 @@ from kiln.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kiln.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kiln.layers.norm import RMSNorm
 from kiln.layers.rotary import RotaryEmbedding
+from kiln.quant.methods import QuantConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup):
+    def __init__(
+        self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup, quant: QuantConfig | None
+    ):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, tp
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, tp, quant
         )
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp, bias=cfg.o_proj_bias)
+        self.o_proj = RowParallelLinear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, tp, bias=cfg.o_proj_bias, quant=quant
+        )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -46,21 +51,23 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, quant: QuantConfig | None):
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, tp)
-        self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], False, tp, quant)
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup):
+    def __init__(
+        self, cfg: ModelConfig, layer: int, rotary: RotaryEmbedding, tp: TPGroup, quant: QuantConfig | None
+    ):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer, rotary, tp)
-        self.mlp = LlamaMLP(cfg, tp)
+        self.self_attn = LlamaAttention(cfg, layer, rotary, tp, quant)
+        self.mlp = LlamaMLP(cfg, tp, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -74,11 +81,16 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device | str, tp: TPGroup):
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, device: torch.device | str, tp: TPGroup,
+        quant: QuantConfig | None,
+    ):
         super().__init__()
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope, max_positions, device)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, self.rotary, tp) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, i, self.rotary, tp, quant) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -98,11 +110,14 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, max_positions: int, device: torch.device | str, tp: TPGroup = SINGLE):
+    def __init__(
+        self, cfg: ModelConfig, max_positions: int, device: torch.device | str, tp: TPGroup = SINGLE,
+        quant: QuantConfig | None = None,
+    ):
         super().__init__()
         self.config = cfg
         self.tp = tp
-        self.model = LlamaModel(cfg, max_positions, device, tp)
+        self.model = LlamaModel(cfg, max_positions, device, tp, quant)
         self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -132,3 +147,21 @@ class LlamaForCausalLM(nn.Module):
         if not isinstance(getattr(module, param, None), nn.Parameter):  # e.g. a bias this layer does not have
             raise KeyError(name)
         return module, param, shard_id
+
+    def missing_parameters(self, names: list[str]) -> list[str]:
+        """Runtime parameters (or parts of fused ones, e.g. `qkv_proj.weight[k]`) that no name feeds."""
+        fed = set()
+        for name in names:
+            target = self.checkpoint_target(name)
+            if target is not None:
+                module, param, shard_id = target
+                fed.add((id(getattr(module, param)), shard_id))
+        parts: dict[str, list[object]] = {}
+        for fused, shard_id in self.packed_modules.values():
+            parts.setdefault(fused, []).append(shard_id)
+        return [
+            n if shard_id is None else f"{n}[{shard_id}]"
+            for n, p in self.named_parameters()
+            for shard_id in parts.get(n.split(".")[-2], [None])
+            if (id(p), shard_id) not in fed
+        ]

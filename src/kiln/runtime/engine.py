@@ -142,6 +142,7 @@ class LLM:
             results[event.index] = event.output
         return [results[i] for i in range(len(prompts))]
 
+    @torch.inference_mode()  # the sampler's penalties edit the runner's logits (inference tensors) in place
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """Run one scheduler step; returns (sequence, its new token ids) for those that got one."""
         batch = self.scheduler.schedule()

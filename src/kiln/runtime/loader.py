@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from kiln.builder.engine_file import EngineConfig, load_engine_config
+from kiln.checkpoint.format import torch_dtype
 from kiln.checkpoint.safetensors_io import iter_tensors
 from kiln.distributed.comm import SINGLE, TPGroup
 from kiln.errors import KilnError
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.registry import create_model
+from kiln.quant.methods import QuantConfig
 
 
 def load_engine(
@@ -18,7 +20,8 @@ def load_engine(
     cfg = load_engine_config(engine_dir, device)
     if cfg.tp_size != tp.size:
         raise KilnError(f"--engine_dir {engine_dir} has {cfg.tp_size} ranks but {tp.size} processes were started")
-    model = create_model(cfg.model, cfg.build.max_seq_len, device, tp)
+    quant = QuantConfig.from_dict(cfg.quantization)
+    model = create_model(cfg.model, cfg.build.max_seq_len, device, tp, quant, torch_dtype(cfg.dtype))
     path = Path(engine_dir) / f"rank{tp.rank}.safetensors"
     state = dict(iter_tensors([path], device=device))
     try:

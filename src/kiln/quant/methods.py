@@ -1,0 +1,102 @@
+"""How a linear layer holds and applies its weight for each quantization format.
+
+A `QuantMethod` creates the layer's parameters (so sharding and loading see the stored tensors) and
+computes y = x W^T. On the CPU every format goes through the reference path: dequantize, then matmul
+(fp8 also quantizes the activations per token, as the GPU's W8A8 matmul will).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.quant.formats import dequantize_int, fake_quantize_fp8_per_token
+
+QFORMATS = ("full_prec", "int8_wo", "int4_wo", "int4_awq", "fp8")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What a checkpoint's linear layers hold. algo None is full precision."""
+
+    algo: str | None = None
+    group_size: int = 0  # 0: per output channel
+
+    @property
+    def bits(self) -> int:
+        return {"int8_wo": 8, "int4_wo": 4, "int4_awq": 4, "fp8": 8}.get(self.algo or "", 16)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_algo": self.algo, "group_size": self.group_size, "bits": self.bits}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        algo = d.get("quant_algo")
+        return cls(None if algo in (None, "full_prec") else algo, int(d.get("group_size") or 0))
+
+
+def _param(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+class FullPrecision:
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
+        layer.weight = _param(out_features, in_features)
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        return layer.weight
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight)
+
+
+class WeightOnlyInt(FullPrecision):
+    """int8_wo, int4_wo and int4_awq: integer weights, scales per group (zeros for 4 bits)."""
+
+    def __init__(self, bits: int, group_size: int):
+        self.bits = bits
+        self.group_size = group_size
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
+        groups = in_features // self.group_size if self.group_size else 1
+        if self.bits == 8:
+            layer.qweight = _param(out_features, in_features, dtype=torch.int8)
+        else:
+            layer.qweight = _param(out_features, in_features // 2, dtype=torch.uint8)
+            layer.zeros = _param(out_features, groups, dtype=torch.uint8)
+        layer.scales = _param(out_features, groups)
+
+    def dequantized_weight(self, layer: nn.Module) -> torch.Tensor:
+        parts = {"qweight": layer.qweight, "scales": layer.scales}
+        if self.bits == 4:
+            parts["zeros"] = layer.zeros
+        return dequantize_int(parts, layer.scales.dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(layer))
+
+
+class Fp8(FullPrecision):
+    """W8A8 e4m3: per-output-channel weight scales, dynamic per-token activation scales."""
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int) -> None:
+        layer.weight = _param(out_features, in_features, dtype=torch.float8_e4m3fn)
+        layer.weight_scale = _param(out_features, dtype=torch.float32)
+
+    def dequantized_weight(self, layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (layer.weight.float() * layer.weight_scale.unsqueeze(1)).to(dtype)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(fake_quantize_fp8_per_token(x), self.dequantized_weight(layer, x.dtype))
+
+
+def quant_method(cfg: QuantConfig | None) -> FullPrecision:
+    if cfg is None or cfg.algo is None:
+        return FullPrecision()
+    if cfg.algo == "fp8":
+        return Fp8()
+    return WeightOnlyInt(cfg.bits, cfg.group_size)
