@@ -32,6 +32,20 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[Sequence], torch.Tensor]:
         """Returns the sequences to sample for and their logits [num_sampled, vocab] float32."""
+        hidden, last, to_sample = self._forward(batch)
+        if not last:
+            return [], hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
+        return to_sample, self.model.compute_logits(hidden[self._tensor(last, torch.int64)])
+
+    @torch.inference_mode()
+    def run_all_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits of every scheduled token, [num_tokens, vocab] float32 (perplexity, prompt logits)."""
+        hidden, _, _ = self._forward(batch)
+        return self.model.compute_logits(hidden)
+
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, list[int], list[Sequence]]:
+        """Pack, run the model; returns hidden states [num_tokens, hidden], the index of each finished
+        sequence's last token, and those sequences."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -57,9 +71,7 @@ class ModelRunner:
             kv_caches=self.kv_caches,
         )
         hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), meta)
-        if not last:
-            return [], hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        return to_sample, self.model.compute_logits(hidden[self._tensor(last, torch.int64)])
+        return hidden, last, to_sample
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
