@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_parity import ALL_VARIANTS, token_ids
 
 from kiln.config import SamplingParams
-from parity import ALL_VARIANTS, token_ids
 
 MAX_TOKENS = 12
 PROMPTS = [token_ids(30, 1), token_ids(31, 6), token_ids(32, 19), token_ids(33, 11)]
@@ -40,7 +40,7 @@ def hf_outputs(hf_model):
 def test_greedy_equals_transformers(hf_model, hf_outputs, name):
     llm = hf_model(name).llm(tokens_per_block=16)
     want = hf_outputs(name)
-    for prompt, expected in zip(PROMPTS, want):
+    for prompt, expected in zip(PROMPTS, want, strict=True):
         (out,) = llm.generate([prompt], GREEDY)
         assert out.output_ids == expected, f"{name}: prompt of {len(prompt)} tokens"
         assert out.finish_reason == "length"

@@ -9,14 +9,16 @@ position.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
-
-from parity import (
+from model_parity import (
     ALL_VARIANTS,
+    ATOL,
     SEQ_LEN,
     VARIANTS,
     assert_close,
@@ -25,6 +27,8 @@ from parity import (
     teacher_forced_logits,
     token_ids,
 )
+
+from kiln.checkpoint.convert import convert_hf
 from kiln.checkpoint.format import load_config
 
 BLOCK_SIZES = [1, 16, 64]
@@ -39,10 +43,42 @@ def test_converted_config_has_the_feature(hf_model, name):
         assert getattr(cfg, key) == want, f"{name}: ModelConfig.{key} = {getattr(cfg, key)!r}, expected {want!r}"
     hf = m.model.config
     assert cfg.num_heads == hf.num_attention_heads
-    assert cfg.head_dim == getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    if name in ("llama3", "llama-linear"):
-        assert cfg.rope.rope_type == hf.rope_parameters["rope_type"]
-        assert cfg.rope.factor == hf.rope_parameters["factor"]
+    assert cfg.head_dim == (getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads)
+    rope = hf.rope_parameters
+    assert (cfg.rope.rope_type, cfg.rope.theta) == (rope["rope_type"], rope["rope_theta"])
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+        if key in rope:
+            assert getattr(cfg.rope, key) == rope[key], key
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama-linear", "qwen2"])
+def test_legacy_rope_scaling_config(hf_model, tmp_path, name):
+    """config.json as transformers 4.x wrote it (most Hub models): `rope_theta` at the top level and
+    scaling in `rope_scaling`, with "type" instead of "rope_type" in older files."""
+    m = hf_model(name)
+    hf = tmp_path / "hf"
+    shutil.copytree(m.hf_dir, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    if params["rope_type"] != "default":
+        params["type"] = params.pop("rope_type")
+        cfg["rope_scaling"] = params
+    (hf / "config.json").write_text(json.dumps(cfg))
+    convert_hf(hf, tmp_path / "ckpt", dtype="float32")
+    assert load_config(tmp_path / "ckpt").model.rope == load_config(m.ckpt_dir).model.rope
+
+
+def test_qwen2_config_without_layer_types(hf_model, tmp_path):
+    """Qwen2 config.json files written before transformers had `layer_types` (most on the Hub): the
+    layers from max_window_layers up slide."""
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_model("qwen2-sliding").hf_dir, hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    assert cfg.pop("layer_types") == ["full_attention", "sliding_attention"]
+    (hf / "config.json").write_text(json.dumps(cfg))
+    convert_hf(hf, tmp_path / "ckpt", dtype="float32")
+    assert load_config(tmp_path / "ckpt").model.sliding_windows == (0, 6)
 
 
 # Feature switched off -> transformers' logits must move well beyond the tolerance, so that each parity
@@ -53,6 +89,7 @@ FEATURE_OFF = {
     "mistral": dict(sliding_window=None),
     "qwen2-sliding": dict(use_sliding_window=False),
     "qwen2": "zero_bias",
+    "llama-attn-bias": "zero_bias",
 }
 
 
@@ -61,13 +98,7 @@ FEATURE_OFF = {
 def test_feature_changes_reference_logits(hf_model, name):
     m = hf_model(name)
     off = FEATURE_OFF[name]
-    if off == "zero_bias":
-        ref = make_hf_model(name)
-        for n, p in ref.named_parameters():
-            if n.endswith(".bias"):
-                p.zero_()
-    else:
-        ref = make_hf_model(name, **off)
+    ref = make_hf_model(name, **({} if off == "zero_bias" else off))
     ref.load_state_dict(m.model.state_dict())  # identical weights; only the feature differs
     if off == "zero_bias":
         for n, p in ref.named_parameters():
@@ -75,7 +106,7 @@ def test_feature_changes_reference_logits(hf_model, name):
                 p.zero_()
     ids = token_ids(1, SEQ_LEN)
     diff = (m.logits(ids) - ref(input_ids=torch.tensor([ids])).logits[0]).abs().max().item()
-    assert diff > 100 * 1e-4, f"{name}: switching the feature off moves logits by only {diff:.3g}"
+    assert diff > 100 * ATOL, f"{name}: switching the feature off moves logits by only {diff:.3g}"
 
 
 def _scattered_table(llm, num_tokens: int, seed: int) -> list[int]:
@@ -140,14 +171,14 @@ def test_chunked_prefill_engine(hf_model, name):
 @pytest.mark.parametrize("name", ALL_VARIANTS)
 @pytest.mark.parametrize("block_size,max_num_tokens", [(16, 8192), (1, 7), (16, 7)])
 def test_mixed_batch_logits(hf_model, name, block_size, max_num_tokens):
-    """Sequences of different lengths batched in flight (prefill chunks packed with decodes) each get
-    the logits they get alone."""
+    """Sequences of different lengths batched in flight (with max_num_tokens 7, prefill chunks packed
+    with decodes) each get transformers' logits of that sequence alone."""
     m = hf_model(name)
     llm = m.llm(tokens_per_block=block_size, max_num_tokens=max_num_tokens)
     seqs = [token_ids(10, 30), token_ids(11, 9), token_ids(12, 21), token_ids(13, 3)]
     prompt_lens = [17, 1, 8, 2]
     got = teacher_forced_logits(llm, seqs, prompt_lens)
-    for i, (ids, p, g) in enumerate(zip(seqs, prompt_lens, got)):
+    for i, (ids, p, g) in enumerate(zip(seqs, prompt_lens, got, strict=True)):
         assert_close(g, m.logits(ids)[p - 1 : -1], f"{name} batch member {i}")
 
 

@@ -81,8 +81,8 @@ CORRUPTIONS = {
 # Edits of a tensor file, each applied to the HF folder, to the checkpoint and to the engine.
 Q = "model.layers.1.self_attn.q_proj.{}"
 TENSOR_EDITS = {
-    "missing_weight": lambda fused: _drop(("model.layers.1.self_attn.qkv_proj.weight" if fused else Q.format("weight"))),
-    "missing_bias": lambda fused: _drop(("model.layers.0.self_attn.qkv_proj.bias" if fused else "model.layers.0.self_attn.k_proj.bias")),
+    "missing_weight": lambda fused: _drop("model.layers.1.self_attn.qkv_proj.weight" if fused else Q.format("weight")),
+    "missing_bias": lambda fused: _drop("model.layers.0.self_attn.qkv_proj.bias" if fused else "model.layers.0.self_attn.k_proj.bias"),
     "missing_norm": lambda fused: _drop("model.layers.0.post_attention_layernorm.weight"),
     "missing_embedding": lambda fused: _drop("model.embed_tokens.weight"),
     "wrong_shape_weight": lambda fused: _reshape(
@@ -123,8 +123,25 @@ def _convert_and_build(hf: Path, tmp: Path, tp_size: int = 1) -> None:
 def test_bad_tensor_in_hf_folder(pipeline, edit):
     hf, _, _, tmp = pipeline
     _rewrite(hf / "model.safetensors", TENSOR_EDITS[edit](False))
-    with pytest.raises(KilnError):
-        _convert_and_build(hf, tmp)
+    if edit.startswith("wrong_"):  # with one rank convert copies tensors as they are; build checks shapes
+        with pytest.raises(KilnError):
+            _convert_and_build(hf, tmp)
+    else:  # a missing or unexpected tensor is refused by convert itself, before a checkpoint is written
+        with pytest.raises(KilnError) as err:
+            convert_hf(hf, tmp / "ckpt2", dtype="float32")
+        assert not (tmp / "ckpt2").exists()
+        assert CONVERT_NAMES[edit] in str(err.value)
+
+
+# What convert's error names for each missing / unexpected tensor of the HF folder.
+CONVERT_NAMES = {
+    "missing_weight": "model.layers.1.self_attn.qkv_proj.weight[q]",
+    "missing_bias": "model.layers.0.self_attn.qkv_proj.bias[k]",
+    "missing_norm": "model.layers.0.post_attention_layernorm.weight",
+    "missing_embedding": "model.embed_tokens.weight",
+    "unexpected_tensor": "model.layers.0.self_attn.rotary.extra",
+    "unexpected_bias": "model.layers.0.mlp.down_proj.bias",
+}
 
 
 @pytest.mark.parametrize("edit", ["wrong_shape_weight", "wrong_shape_rows", "wrong_shape_embedding", "wrong_shape_bias"])

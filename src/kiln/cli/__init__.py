@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from kiln import __version__
-from kiln.cli import build, convert, quickstart, run
+from kiln.cli import build, convert, eval, quantize, quickstart, run
 from kiln.errors import KilnError
 
-COMMANDS = (convert, build, run, quickstart)
+COMMANDS = (convert, quantize, build, run, eval, quickstart)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -28,24 +28,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="weight dtype of the checkpoint; auto takes the model's own (float16 if it names none)",
     )
     p.add_argument("--tp_size", type=positive_int, default=1, help="tensor-parallel ranks to shard into")
+    wo = p.add_argument_group("weight-only quantization (round-to-nearest; `kiln quantize` has AWQ and fp8)")
+    wo.add_argument("--use_weight_only", action="store_true", help="quantize the linear weights")
+    wo.add_argument("--weight_only_precision", choices=("int8", "int4"), default="int8", help="bits (default int8)")
+    wo.add_argument("--per_channel", action="store_true", help="one scale per output channel (the default)")
+    wo.add_argument("--group_size", type=int, choices=(0, 32, 64, 128), default=0,
+                    help="one scale per group of input columns; 0 (default) is per channel")
+    wo.add_argument("--per_token", action="store_true",
+                    help="per-token activation scales: weight-only formats keep activations in float; accepted")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     from kiln.checkpoint.convert import convert_hf
+    from kiln.quant.methods import QuantConfig
 
     start = time.perf_counter()
+    if args.per_channel and args.group_size:
+        raise KilnError(f"--per_channel and --group_size {args.group_size} contradict each other: give one")
+    quant = QuantConfig(f"{args.weight_only_precision}_wo", args.group_size) if args.use_weight_only else None
     if args.gguf:
         from kiln.checkpoint.gguf import gguf_to_hf
 
         with tempfile.TemporaryDirectory(prefix="kiln-gguf-") as tmp:
             hf_dir = gguf_to_hf(args.gguf, Path(tmp) / "hf")
             dtype = resolve_dtype(args.dtype, hf_dir)
-            out = convert_hf(hf_dir, args.output_dir, dtype, args.tp_size, extra_files=tokenizer_files(hf_dir))
+            out = convert_hf(hf_dir, args.output_dir, dtype, args.tp_size, tokenizer_files(hf_dir), quant)
     else:
         dtype = resolve_dtype(args.dtype, Path(args.model_dir))
-        out = convert_hf(args.model_dir, args.output_dir, dtype, args.tp_size)
-    print(f"checkpoint written to {out} ({dtype}, tp_size {args.tp_size}) in {time.perf_counter() - start:.1f} s")
+        out = convert_hf(args.model_dir, args.output_dir, dtype, args.tp_size, quant=quant)
+    what = f"{dtype}, {quant.algo} group {quant.group_size or 'per-channel'}" if quant else dtype
+    print(f"checkpoint written to {out} ({what}, tp_size {args.tp_size}) in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -1,9 +1,10 @@
 """Helpers for the model-parity suite: tiny random Hugging Face models and kiln engines built from them.
 
-Every family/feature is a `Variant`: a transformers config class and model class plus the keyword arguments
-that switch the feature on. the `hf_model(name)` fixture (conftest.py) creates the model once per session (seeded, every parameter
-random, including norms and biases), saves it with safetensors and converts it to a float32 kiln checkpoint;
-`engine(name, **build)` builds (and caches) an engine for a BuildConfig and returns a fresh `LLM` on it.
+Every family/feature is a `Variant`: a transformers config class and model class plus the keyword
+arguments that switch the feature on. The `hf_model(name)` fixture (conftest.py) creates the model once
+per session (seeded, every parameter random, norms and biases included), saves it with safetensors and
+converts it to a float32 kiln checkpoint; `HFModel.llm(**build)` builds (and caches) an engine for a
+BuildConfig and returns a fresh `LLM` on it.
 
 The helpers that drive kiln are plain functions (`teacher_forced_logits`, `direct_prefill_logits`) so that
 the tests can compare kiln's logits at every position against one full-sequence transformers forward.
@@ -20,7 +21,6 @@ import torch
 import transformers
 
 from kiln.builder.build import build_engine
-from kiln.checkpoint.convert import convert_hf
 from kiln.config import BuildConfig, SamplingParams
 from kiln.layers.attention import AttentionMetadata
 from kiln.runtime.engine import LLM
@@ -28,7 +28,6 @@ from kiln.runtime.sequence import Sequence
 
 # float32 end to end: kiln's and transformers' logits agree to rounding.
 ATOL = 1e-4
-RTOL = 1e-4
 
 VOCAB = 160
 MAX_SEQ_LEN = 64  # engines are built for this; the test sequences stay below it
@@ -93,19 +92,26 @@ VARIANTS: dict[str, Variant] = {
     # Mistral-Nemo style: head_dim (32) != hidden / heads (16), no sliding window.
     "mistral-nemo": Variant(
         "MistralConfig", "MistralForCausalLM",
-        dict(num_key_value_heads=2, head_dim=32, sliding_window=None),
+        dict(
+            num_key_value_heads=2, head_dim=32, sliding_window=None,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
         expect=dict(head_dim=32, sliding_windows=(0, 0)),
     ),
     # Llama with attention_bias: transformers then has a bias on q, k, v and o.
     "llama-attn-bias": Variant(
         "LlamaConfig", "LlamaForCausalLM",
         dict(num_key_value_heads=2, attention_bias=True),
-        expect=dict(qkv_bias=True),
+        expect=dict(qkv_bias=True, o_proj_bias=True),
     ),
-    # Qwen2: q/k/v bias, GQA, tied embeddings (as Qwen2-0.5B).
+    # Qwen2: q/k/v bias, GQA, tied embeddings (as Qwen2-0.5B), rope_theta 1e6; a sliding_window that
+    # use_sliding_window=false switches off (as in Qwen2's own config.json files).
     "qwen2": Variant(
         "Qwen2Config", "Qwen2ForCausalLM",
-        dict(num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False, sliding_window=5),
+        dict(
+            num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False, sliding_window=5,
+            rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        ),
         expect=dict(qkv_bias=True, tie_word_embeddings=True, sliding_windows=(0, 0)),
     ),
     # Qwen2 with sliding window on the layers from max_window_layers up (layer 1 slides, layer 0 does not).
@@ -188,9 +194,12 @@ def teacher_forced_logits(llm: LLM, sequences: list[list[int]], prompt_lens: lis
     Returns per sequence the logits kiln produced at positions prompt_len-1 .. len-2 (one prefill result,
     then one per decode step through the paged cache): [len - prompt_len, vocab].
     """
-    params = [SamplingParams(max_tokens=len(s) - p, temperature=0, ignore_eos=True) for s, p in zip(sequences, prompt_lens)]
-    seqs = [Sequence(list(s[:p]), sp) for s, p, sp in zip(sequences, prompt_lens, params)]
-    full = {seq.seq_id: s for seq, s in zip(seqs, sequences)}
+    params = [
+        SamplingParams(max_tokens=len(s) - p, temperature=0, ignore_eos=True)
+        for s, p in zip(sequences, prompt_lens, strict=True)
+    ]
+    seqs = [Sequence(list(s[:p]), sp) for s, p, sp in zip(sequences, prompt_lens, params, strict=True)]
+    full = {seq.seq_id: s for seq, s in zip(seqs, sequences, strict=True)}
     got: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq in seqs}
     for seq in seqs:
         llm.scheduler.add(seq)
@@ -203,11 +212,11 @@ def teacher_forced_logits(llm: LLM, sequences: list[list[int]], prompt_lens: lis
         sampled, logits = llm.runner.run(batch)
         assert logits.shape == (len(sampled), VOCAB) and logits.dtype == torch.float32
         forced = {}
-        for seq, row in zip(sampled, logits):
+        for seq, row in zip(sampled, logits, strict=True):
             got[seq.seq_id].append(row.clone())
             forced[seq.seq_id] = full[seq.seq_id][len(seq)]
         llm.scheduler.update(batch, forced)
-    for seq, s in zip(seqs, sequences):
+    for seq, s in zip(seqs, sequences, strict=True):
         assert seq.all_ids == list(s)
     return [torch.stack(got[seq.seq_id]) for seq in seqs]
 
@@ -244,4 +253,4 @@ def direct_prefill_logits(
 def assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     diff = (got - want).abs().max().item()
-    assert torch.allclose(got, want, atol=ATOL, rtol=RTOL), f"{what}: max abs diff {diff:.3g} (atol {ATOL})"
+    assert diff <= ATOL, f"{what}: max abs diff {diff:.3g} > {ATOL}"

@@ -1,0 +1,91 @@
+"""`kiln quantize`: a Hugging Face folder -> a quantized checkpoint, optionally with its perplexity cost.
+
+Round-to-nearest formats (int8_wo, int4_wo, fp8) quantize each weight as it streams through; int4_awq
+first runs the calibration text through the model layer by layer (quant/awq.py).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.builder.device import default_device
+from kiln.checkpoint.convert import convert_hf, read_hf_config, write_checkpoint
+from kiln.errors import KilnError
+from kiln.fsutil import require_dir
+from kiln.quant.methods import QFORMATS, QuantConfig
+
+
+@dataclass(frozen=True)
+class QuantizeRequest:
+    model_dir: Path
+    output_dir: Path
+    qformat: str
+    group_size: int = 0
+    awq_block_size: int = 128
+    dtype: str = "float16"
+    tp_size: int = 1
+    calib_dataset: str = "kjv"
+    calib_size: int = 512
+    calib_max_seq_length: int = 512
+    device: str | None = None
+
+    def quant_config(self) -> QuantConfig:
+        if self.qformat not in QFORMATS:
+            raise KilnError(f"--qformat {self.qformat!r} is unknown: choose one of {', '.join(QFORMATS)}")
+        if self.qformat == "full_prec":
+            return QuantConfig()
+        if self.qformat == "int4_awq":
+            return QuantConfig("int4_awq", self.awq_block_size)
+        if self.qformat == "fp8":
+            return QuantConfig("fp8", 0)
+        return QuantConfig(self.qformat, self.group_size)
+
+
+def quantize(req: QuantizeRequest) -> Path:
+    model_dir = require_dir(req.model_dir, "--model_dir")
+    quant = req.quant_config()
+    if quant.algo != "int4_awq":
+        return convert_hf(model_dir, req.output_dir, req.dtype, req.tp_size, quant=quant)
+    from kiln.quant.awq import awq_transform
+    from kiln.quant.calib import load_text, token_windows
+    from kiln.runtime.tokenizer import load_tokenizer
+
+    cfg = read_hf_config(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    text = load_text(req.calib_dataset, "calib")
+    calib = token_windows(tokenizer, text, req.calib_size, req.calib_max_seq_length, "--calib_dataset")
+    print(f"calibrating on {len(calib)} windows of {req.calib_max_seq_length} tokens from {req.calib_dataset}")
+    device = req.device or default_device()
+    tensors = awq_transform(model_dir, cfg, calib, quant.group_size, device=device)
+    source = f"{model_dir.resolve()} ({time.strftime('%Y-%m-%d %H:%M:%S')}), AWQ on {req.calib_dataset}"
+    return write_checkpoint(cfg, tensors, req.output_dir, req.dtype, req.tp_size, quant,
+                            source=source, where=f"--model_dir {model_dir}")
+
+
+def evaluate_checkpoints(
+    checkpoints: dict[str, Path], tokenizer_dir: Path, dataset: str, max_tokens: int, device: str | None = None
+) -> dict[str, float]:
+    """Perplexity of each checkpoint (built into a temporary engine) on the held-out text."""
+    from kiln.builder.build import build_engine
+    from kiln.config import BuildConfig
+    from kiln.quant.calib import load_text, token_windows
+    from kiln.runtime.engine import LLM
+    from kiln.runtime.evaluate import perplexity
+
+    device = device or default_device()
+    window = 512
+    limits = BuildConfig(max_batch_size=1, max_input_len=window, max_seq_len=window, max_num_tokens=window)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="kiln-eval-") as tmp:
+        for name, ckpt in checkpoints.items():
+            engine = Path(tmp) / name
+            build_engine(ckpt, engine, limits, device)
+            llm = LLM(engine, tokenizer_dir, device=device)
+            windows = token_windows(llm.tokenizer, load_text(dataset, "eval"), max(1, max_tokens // window), window,
+                                    "--dataset")
+            results[name] = perplexity(llm, windows)
+            del llm
+    return results
