@@ -15,6 +15,7 @@ from kiln.errors import KilnError
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "float16", "bfloat16")
+QFORMATS = ("full_prec", "int8_wo", "int4_wo", "int4_awq", "fp8")
 
 
 @dataclass(frozen=True)

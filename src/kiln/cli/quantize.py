@@ -7,13 +7,11 @@ import time
 from pathlib import Path
 
 from kiln.cli.options import positive_int
-from kiln.config import DTYPES
+from kiln.config import DTYPES, QFORMATS
 from kiln.errors import KilnError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from kiln.quant.methods import QFORMATS
-
     p = sub.add_parser(
         "quantize",
         help="quantize a Hugging Face model into a checkpoint (int8/int4 weight-only, int4 AWQ, fp8)",

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.config import QFORMATS  # noqa: F401  (re-exported: the formats live next to their methods)
 from kiln.quant.formats import dequantize_int, fake_quantize_fp8_per_token
-
-QFORMATS = ("full_prec", "int8_wo", "int4_wo", "int4_awq", "fp8")
 
 
 @dataclass(frozen=True)
