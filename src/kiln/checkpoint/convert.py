@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from kiln.checkpoint.autoawq import import_autoawq, prequantized_config
 from kiln.checkpoint.format import CheckpointConfig, save_config, torch_dtype
 from kiln.checkpoint.safetensors_io import hf_weight_files, iter_tensors
 from kiln.config import ModelConfig
@@ -35,9 +36,12 @@ def convert_hf(
 ) -> Path:
     """Write a checkpoint of `tp_size` ranks; returns its folder. `extra_files` are copied in as is.
 
-    With `quant`, linear weights are quantized round-to-nearest as they stream through.
+    With `quant`, linear weights are quantized round-to-nearest as they stream through. A folder that
+    is already quantized (config.json's quantization_config) goes through the AutoAWQ reader instead.
     """
     model_dir = require_dir(model_dir, "--model_dir")
+    if prequantized_config(model_dir) is not None:
+        return import_autoawq(model_dir, output_dir, dtype, tp_size, extra_files, quant)
     cfg = read_hf_config(model_dir)
     files = hf_weight_files(model_dir)
     source = f"{model_dir.resolve()} ({time.strftime('%Y-%m-%d %H:%M:%S')})"

@@ -57,7 +57,11 @@ def main(args: argparse.Namespace) -> int:
     else:
         dtype = resolve_dtype(args.dtype, Path(args.model_dir))
         out = convert_hf(args.model_dir, args.output_dir, dtype, args.tp_size, quant=quant)
-    what = f"{dtype}, {quant.algo} group {quant.group_size or 'per-channel'}" if quant else dtype
+    from kiln.checkpoint.format import load_config
+
+    written = load_config(out).quantization  # what the checkpoint holds (an AutoAWQ folder: int4_awq)
+    algo, group = written.get("quant_algo"), written.get("group_size")
+    what = f"{dtype}, {algo} group {group or 'per-channel'}" if algo else dtype
     print(f"checkpoint written to {out} ({what}, tp_size {args.tp_size}) in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.builder.device import default_device
+from kiln.checkpoint.autoawq import prequantized_config
 from kiln.checkpoint.convert import convert_hf, read_hf_config, write_checkpoint
 from kiln.errors import KilnError
 from kiln.fsutil import require_dir
@@ -47,6 +48,8 @@ class QuantizeRequest:
 def quantize(req: QuantizeRequest) -> Path:
     model_dir = require_dir(req.model_dir, "--model_dir")
     quant = req.quant_config()
+    if prequantized_config(model_dir) is not None:  # convert_hf imports it, or refuses re-quantizing it
+        return convert_hf(model_dir, req.output_dir, req.dtype, req.tp_size, quant=quant)
     if quant.algo != "int4_awq":
         return convert_hf(model_dir, req.output_dir, req.dtype, req.tp_size, quant=quant)
     from kiln.quant.awq import awq_transform
