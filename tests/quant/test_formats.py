@@ -89,3 +89,17 @@ def test_fp8_weights_and_tokens() -> None:
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(5)) * torch.tensor([1.0, 100, 0.01, 5, 1]).unsqueeze(1)
     xq = fake_quantize_fp8_per_token(x)
     assert ((xq - x).abs().amax(dim=1) <= x.abs().amax(dim=1) / 16).all()  # per-token scale follows each row
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rounding_uses_the_stored_half_precision_scales(bits: int) -> None:
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(6)) * 3
+    parts = quantize_symmetric(w, bits, 16, torch.bfloat16)
+    assert parts["scales"].dtype == torch.bfloat16
+    deq = dequantize_int(parts, torch.float32)
+    step = parts["scales"].float().repeat_interleave(16, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-5).all()
+    asym = quantize_asymmetric_int4(w, 16, scale_dtype=torch.bfloat16)
+    deq = dequantize_int(asym, torch.float32)
+    step = asym["scales"].float().repeat_interleave(16, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-5).all()

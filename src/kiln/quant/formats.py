@@ -40,35 +40,45 @@ def _groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1] // g, g)
 
 
-def quantize_symmetric(w: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
-    """Round-to-nearest symmetric quantization (int8_wo, int4_wo). Returns qweight, scales (, zeros)."""
+def quantize_symmetric(
+    w: torch.Tensor, bits: int, group_size: int, scale_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Round-to-nearest symmetric quantization (int8_wo, int4_wo). Returns qweight, scales (, zeros).
+
+    Scales are stored in `scale_dtype` (default w's dtype) and rounding uses the stored values, so the
+    checkpoint dequantizes to exactly the nearest grid point.
+    """
+    scale_dtype = scale_dtype or w.dtype
     groups = _groups(w.float(), group_size)
     qmax = 2 ** (bits - 1) - 1  # 127 or 7
-    scales = groups.abs().amax(dim=-1).clamp(min=1e-10) / qmax  # [out, n_groups]
+    scales = (groups.abs().amax(dim=-1).clamp(min=1e-10) / qmax).to(scale_dtype).float()  # [out, n_groups]
     q = torch.round(groups / scales.unsqueeze(-1)).clamp(-qmax - (bits == 4), qmax)
     q = q.reshape(w.shape)
     if bits == 8:
-        return {"qweight": q.to(torch.int8), "scales": scales.to(w.dtype)}
+        return {"qweight": q.to(torch.int8), "scales": scales.to(scale_dtype)}
     zeros = torch.full_like(scales, 8, dtype=torch.uint8)
-    return {"qweight": pack_int4(q + 8), "scales": scales.to(w.dtype), "zeros": zeros}
+    return {"qweight": pack_int4(q + 8), "scales": scales.to(scale_dtype), "zeros": zeros}
 
 
 def quantize_asymmetric_int4(
-    w: torch.Tensor, group_size: int, max_val: torch.Tensor | None = None, min_val: torch.Tensor | None = None
+    w: torch.Tensor, group_size: int, max_val: torch.Tensor | None = None, min_val: torch.Tensor | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Group-wise asymmetric int4 (AWQ's format): scale and integer zero point from each group's range.
 
     max_val / min_val: optional [out, n_groups] clipped ranges (AWQ's clip search); default the true range.
+    Scales are stored in `scale_dtype` (default w's dtype); rounding uses the stored values.
     """
+    scale_dtype = scale_dtype or w.dtype
     groups = _groups(w.float(), group_size)
     hi = groups.amax(dim=-1) if max_val is None else max_val
     lo = groups.amin(dim=-1) if min_val is None else min_val
     hi, lo = hi.clamp(min=0), lo.clamp(max=0)  # the range always holds 0, so 0 is exact
-    scales = ((hi - lo) / 15).clamp(min=1e-10)  # [out, n_groups]
+    scales = ((hi - lo) / 15).clamp(min=1e-10).to(scale_dtype).float()  # [out, n_groups]
     zeros = torch.round(-lo / scales).clamp(0, 15)
     q = torch.round(groups / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)
     q = q.clamp(0, 15).reshape(w.shape)
-    return {"qweight": pack_int4(q), "scales": scales.to(w.dtype), "zeros": zeros.to(torch.uint8)}
+    return {"qweight": pack_int4(q), "scales": scales.to(scale_dtype), "zeros": zeros.to(torch.uint8)}
 
 
 def dequantize_int(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

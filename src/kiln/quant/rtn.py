@@ -44,9 +44,9 @@ def quantize_weight(
     if quant.algo == "fp8":
         parts = quantize_fp8(w32)
     elif quant.algo in ("int8_wo", "int4_wo"):
-        parts = quantize_symmetric(w32, quant.bits, quant.group_size)
+        parts = quantize_symmetric(w32, quant.bits, quant.group_size, dtype)
     elif quant.algo == "int4_awq":
-        parts = quantize_asymmetric_int4(w32, quant.group_size)
+        parts = quantize_asymmetric_int4(w32, quant.group_size, scale_dtype=dtype)
     else:
         raise ValueError(f"not a quantized format: {quant.algo}")
     out = {}
