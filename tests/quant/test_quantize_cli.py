@@ -107,3 +107,23 @@ def test_bad_inputs_say_what_is_wrong(tiny_with_tokenizer: Path, tmp_path: Path)
                  "int4_awq", "--awq_block_size", "32", "--calib_dataset", str(empty), check=False)
     assert calib.returncode == 1 and "no text" in calib.stderr and "Traceback" not in calib.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_quantize_eval_and_kiln_eval_report_perplexity(tiny_with_tokenizer: Path, tmp_path: Path) -> None:
+    done = kiln("quantize", "--model_dir", tiny_with_tokenizer, "--output_dir", tmp_path / "q", "--qformat",
+                "int8_wo", "--dtype", "float32", "--eval", "--eval_tokens", "512")
+    line = next(x for x in done.stdout.splitlines() if x.startswith("perplexity"))
+    assert "original" in line and "int8_wo" in line and "%" in line
+    kiln("build", "--checkpoint_dir", tmp_path / "q", "--output_dir", tmp_path / "e", "--max_input_len", "256",
+         "--max_seq_len", "256")
+    report = tmp_path / "eval.json"
+    done = kiln("eval", "--engine_dir", tmp_path / "e", "--tokenizer_dir", tiny_with_tokenizer, "--max_tokens", "512",
+                "--window", "256", "--output_json", report)
+    result = json.loads(report.read_text())
+    assert result["windows"] == 2 and result["tokens"] == 512
+    # a random model is close to uniform over its 49,152 tokens: perplexity in the tens of thousands
+    assert 1000 < result["perplexity"] < 1e6
+    assert f"{result['perplexity']:.4f}" in done.stdout
+    too_long = kiln("eval", "--engine_dir", tmp_path / "e", "--tokenizer_dir", tiny_with_tokenizer, "--window", "512",
+                    check=False)
+    assert too_long.returncode == 1 and "max_seq_len 256" in too_long.stderr and "Traceback" not in too_long.stderr
