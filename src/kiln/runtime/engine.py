@@ -14,12 +14,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from kiln.builder.device import default_device
+from kiln.builder.engine_file import EngineConfig
 from kiln.config import SamplingParams
 from kiln.errors import KilnError, LimitError
+from kiln.models.llama import LlamaForCausalLM
 from kiln.runtime.kv_cache import BlockPool
 from kiln.runtime.loader import load_engine
 from kiln.runtime.model_runner import ModelRunner
@@ -60,14 +63,29 @@ class LLM:
         device: str | None = None,
         num_kv_blocks: int | None = None,
     ):
-        self.device = device or default_device()
-        self.model, self.config = load_engine(engine_dir, self.device)
-        self.tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-        build = self.config.build
-        pool = BlockPool(1, build.tokens_per_block)
-        blocks = num_kv_blocks or build.max_batch_size * pool.blocks_for(build.max_seq_len)
+        device = device or default_device()
+        model, config = load_engine(engine_dir, device)
+        tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+        self._setup(model, config, device, tokenizer, num_kv_blocks)
+
+    @classmethod
+    def from_model(
+        cls, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any = None,
+        num_kv_blocks: int | None = None,
+    ) -> LLM:
+        """An LLM around a model already in memory (synthetic benchmark models, tests)."""
+        llm = cls.__new__(cls)
+        llm._setup(model, config, device, tokenizer, num_kv_blocks)
+        return llm
+
+    def _setup(
+        self, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any, num_kv_blocks: int | None
+    ) -> None:
+        self.device, self.model, self.config, self.tokenizer = device, model, config, tokenizer
+        build = config.build
+        blocks = num_kv_blocks or build.max_batch_size * -(-build.max_seq_len // build.tokens_per_block)
         self.pool = BlockPool(blocks, build.tokens_per_block)
-        self.runner = ModelRunner(self.model, self.config, self.device, blocks)
+        self.runner = ModelRunner(model, config, device, blocks)
         self.scheduler = Scheduler(build, self.pool)
 
     # ---- requests --------------------------------------------------------------------------

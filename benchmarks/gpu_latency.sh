@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Latency of synthetic Mistral-7B-v0.3 shapes on the GPU, in every weight format, plus the TTFT of a
+# 2048-token prompt. Writes one JSON per run under ${OUT:-out}/ and prints a short table last.
+set -euo pipefail
+out="${OUT:-out}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+run() {  # name, args...
+  local name=$1; shift
+  python3 -m kiln bench latency --synthetic mistral-7b-v0.3 "$@" --output_json "$out/$name.json" | tee "$out/$name.txt"
+}
+run bf16 --qformat full_prec
+run int4_awq_g128 --qformat int4_awq --group_size 128
+run int4_awq_g64 --qformat int4_awq --group_size 64
+run fp8 --qformat fp8
+run int8_wo --qformat int8_wo --group_size 0
+run ttft2048_bf16 --qformat full_prec --input_len 2048 --output_len 4
+python3 - "$out" <<'PY'
+import json, pathlib, sys
+print(f"{'run':16} {'TTFT ms':>9} {'ms/token':>9} {'tok/s':>8} {'GB/s':>8} {'% floor':>8}")
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    d = json.loads(f.read_text())
+    pct = d["achieved_gbps"] / d["copy_gbps"] * 100
+    print(f"{f.stem:16} {d['ttft_s']*1e3:9.1f} {d['tpot_s']*1e3:9.3f} {d['decode_tokens_per_s']:8.1f} {d['achieved_gbps']:8.0f} {pct:7.1f}%")
+PY
