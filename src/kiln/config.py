@@ -74,7 +74,14 @@ class ModelConfig:
             raise KilnError(f"config.json: hidden_act {act!r} is not supported; kiln supports 'silu'")
         if hf.get("mlp_bias"):
             raise KilnError("config.json: mlp_bias=true is not supported by kiln's Llama decoder")
+        missing = [k for k in _REQUIRED_HF_KEYS if k not in hf]
+        if missing:
+            raise KilnError(f"config.json: {', '.join(missing)} missing; it is not a complete Hugging Face config")
         num_heads = int(hf["num_attention_heads"])
+        num_kv = int(hf.get("num_key_value_heads") or num_heads)
+        if num_heads < 1 or num_kv < 1 or num_heads % num_kv:
+            raise KilnError(f"config.json: num_attention_heads {num_heads} is not a multiple of "
+                            f"num_key_value_heads {num_kv}")
         hidden = int(hf["hidden_size"])
         num_layers = int(hf["num_hidden_layers"])
         return cls(
@@ -84,7 +91,7 @@ class ModelConfig:
             intermediate_size=int(hf["intermediate_size"]),
             num_layers=num_layers,
             num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            num_kv_heads=num_kv,
             head_dim=int(hf.get("head_dim") or hidden // num_heads),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=_rope_from_hf(hf),
@@ -109,6 +116,8 @@ class ModelConfig:
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
 
+
+_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 _ARCH_BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
@@ -224,6 +233,7 @@ class SamplingParams:
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer, 0 (off) or more"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "more than 0"),
+            ("stop", all(self.stop), "non-empty strings"),
         ]
         for name, ok, limit in checks:
             if not ok:

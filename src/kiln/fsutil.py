@@ -18,10 +18,29 @@ from typing import Any
 from kiln.errors import KilnError
 
 
+def is_kiln_artifact(folder: Path) -> bool:
+    """A folder kiln wrote (an engine, a checkpoint, or a model folder converted from GGUF)."""
+    if (folder / "engine.json").is_file() or (folder / ".kiln-gguf").is_file():
+        return True
+    try:
+        return json.loads((folder / "config.json").read_text()).get("format", "").startswith("kiln-")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `target` (a previous one is removed)."""
+    """Yield a temporary folder; on success it replaces `target`.
+
+    An existing target is replaced only when it is empty or a kiln artifact, so a mistyped
+    --output_dir never deletes a model folder or anything else of the user's.
+    """
     target = Path(target).absolute()
+    if target.is_dir() and any(target.iterdir()) and not is_kiln_artifact(target):
+        raise KilnError(
+            f"output folder {target} exists and is not a kiln checkpoint or engine: kiln will not "
+            "replace it; choose another --output_dir or remove it first"
+        )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -43,6 +62,24 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def require_distinct(source: Path, output: str | os.PathLike, source_flag: str) -> None:
+    """Refuse an output folder that is, or is inside, the input folder."""
+    src, out = Path(source).resolve(), Path(output).resolve()
+    if out == src or src in out.parents:
+        raise KilnError(f"--output_dir {output} is inside {source_flag} {source}: write to another folder")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file through a unique temporary name in its folder, then rename it into place."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise KilnError(f"cannot write {path}: {e.strerror}") from None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

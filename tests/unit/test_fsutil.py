@@ -37,11 +37,23 @@ def test_success_creates_missing_parents(tmp_path):
 def test_success_replaces_existing_target(tmp_path):
     target = tmp_path / "ckpt"
     target.mkdir()
-    (target / "old.txt").write_text("old")
+    (target / "engine.json").write_text("{}")  # a kiln artifact may be replaced
     with atomic_dir(target) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no .old- or .tmp- folders
+
+
+def test_refuses_to_replace_a_folder_kiln_did_not_write(tmp_path):
+    target = tmp_path / "hf-model"
+    target.mkdir()
+    (target / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(KilnError, match="not a kiln checkpoint or engine"):
+        with atomic_dir(target) as tmp:
+            (tmp / "x").write_text("x")
+    assert (target / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf-model"]
 
 
 def test_exception_leaves_no_target(tmp_path):
@@ -57,13 +69,14 @@ def test_exception_leaves_no_target(tmp_path):
 def test_exception_keeps_existing_target_intact(tmp_path):
     target = tmp_path / "engine"
     target.mkdir()
+    (target / "engine.json").write_text("{}")
     (target / "good.txt").write_text("good")
     with pytest.raises(Boom):
         with atomic_dir(target) as tmp:
             (tmp / "good.txt").write_text("half-written")
             (tmp / "extra").write_text("x")
             raise Boom()
-    assert sorted(p.name for p in target.iterdir()) == ["good.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["engine.json", "good.txt"]
     assert (target / "good.txt").read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
 

@@ -72,7 +72,8 @@ def measure_latency(llm: LLM, batch_size: int, input_len: int, output_len: int, 
     vocab = llm.config.model.vocab_size
     prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch_size)]
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
-    llm.generate([p[: min(8, input_len)] for p in prompts], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    warmup = SamplingParams(max_tokens=min(4, output_len), temperature=0, ignore_eos=True)
+    llm.generate([p[: min(8, input_len)] for p in prompts], warmup)
     _sync(llm.device)
     start = time.perf_counter()
     first = None

@@ -18,7 +18,7 @@ from kiln.checkpoint.safetensors_io import iter_tensors
 from kiln.config import BuildConfig
 from kiln.distributed.comm import TPGroup
 from kiln.errors import KilnError
-from kiln.fsutil import atomic_dir, require_dir
+from kiln.fsutil import atomic_dir, require_dir, require_distinct
 from kiln.models.registry import create_model
 from kiln.quant.methods import QuantConfig
 
@@ -32,6 +32,7 @@ def build_engine(
 ) -> EngineConfig:
     """Build an engine for `device` from a kiln checkpoint; returns the engine's config."""
     ckpt_dir = require_dir(checkpoint_dir, "--checkpoint_dir")
+    require_distinct(ckpt_dir, output_dir, "--checkpoint_dir")
     ckpt = load_config(ckpt_dir)
     if build.max_seq_len > ckpt.model.max_position_embeddings:
         print(

@@ -16,7 +16,7 @@ from kiln.checkpoint.safetensors_io import hf_weight_files, iter_tensors
 from kiln.config import ModelConfig
 from kiln.distributed.comm import TPGroup
 from kiln.errors import KilnError
-from kiln.fsutil import atomic_dir, read_json, require_dir
+from kiln.fsutil import atomic_dir, read_json, require_dir, require_distinct
 from kiln.models.registry import create_model
 from kiln.quant.methods import QuantConfig
 from kiln.quant.rtn import is_quantized_linear, quantize_weight
@@ -40,6 +40,7 @@ def convert_hf(
     is already quantized (config.json's quantization_config) goes through the AutoAWQ reader instead.
     """
     model_dir = require_dir(model_dir, "--model_dir")
+    require_distinct(model_dir, output_dir, "--model_dir")
     if prequantized_config(model_dir) is not None:
         return import_autoawq(model_dir, output_dir, dtype, tp_size, extra_files, quant)
     cfg = read_hf_config(model_dir)

@@ -99,4 +99,5 @@ def gguf_to_hf(gguf_file: str | Path, output_dir: str | Path, dtype: str = "floa
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        (tmp / ".kiln-gguf").write_text(f"converted by kiln from {path.name}\n")
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from kiln.cli.options import positive_int
 from kiln.config import DTYPES, QFORMATS
@@ -18,7 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--engine_dir", help="an engine folder")
     src.add_argument("--synthetic", help="a model shape: mistral-7b-v0.3, llama-3.1-8b, mistral-nemo-12b, smollm2-135m")
     lat.add_argument("--qformat", default="full_prec", choices=QFORMATS, help="with --synthetic: weight format")
-    lat.add_argument("--group_size", type=int, default=128, help="with --synthetic int4/int8: group size (0: per channel)")
+    lat.add_argument("--group_size", type=int, default=128, choices=(0, 32, 64, 128),
+                     help="with --synthetic int4/int8: group size (0: per channel; default 128)")
     lat.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="with --synthetic: activation dtype")
     lat.add_argument("--batch_size", type=positive_int, default=1)
     lat.add_argument("--input_len", type=positive_int, default=128)
@@ -55,9 +57,9 @@ def main(args: argparse.Namespace) -> int:
     for line in result.lines():
         print("  " + line)
     if args.output_json:
-        from kiln.cli.run import write_atomic
+        from kiln.fsutil import write_atomic
 
         data = {k: getattr(result, k) for k in result.__dataclass_fields__}
         data.update(decode_tokens_per_s=result.decode_tokens_per_s, achieved_gbps=result.achieved_gbps, what=what)
-        write_atomic(__import__("pathlib").Path(args.output_json), json.dumps(data, indent=2) + "\n")
+        write_atomic(Path(args.output_json), json.dumps(data, indent=2) + "\n")
     return 0

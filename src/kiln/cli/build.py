@@ -14,13 +14,13 @@ _COMPAT_SWITCHES = {
     "--use_fused_mlp": (True, "gate and up projections are always fused into one matmul; accepted"),
     "--remove_input_padding": (True, "kiln always packs tokens without padding; accepted"),
     "--context_fmha": (True, "prefill attention is always fused (flash attention on GPUs); accepted"),
-    "--use_paged_context_fmha": (True, "prefill attends over the paged cache (prefix reuse, chunked "
-                                 "prefill); always on, accepted"),
+    "--use_paged_context_fmha": (True, "prefill attends over the paged cache (what chunked prefill "
+                                 "needs); always on, accepted"),
     "--enable_xqa": (True, "grouped-query decode attention always processes the query heads that share a "
                      "KV head together; accepted"),
     "--paged_state": (False, "only meaningful for state-space models (Mamba); ignored"),
-    "--gather_all_token_logits": (False, "keep the logits of every prompt token (used by `kiln eval`); "
-                                  "recorded in engine.json"),
+    "--gather_all_token_logits": (False, "kiln computes prompt-token logits when asked (kiln eval) "
+                                  "whatever the engine; recorded in engine.json"),
 }
 _COMPAT_CHOICES = {
     "--gemm_plugin": (("auto", "disable", "float16", "bfloat16", "float32", "fp8", "nvfp4"),

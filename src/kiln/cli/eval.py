@@ -18,14 +18,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer_dir", required=True, help="tokenizer folder")
     p.add_argument("--dataset", default="kjv", help="kjv, or a .txt / .jsonl file")
     p.add_argument("--max_tokens", type=positive_int, default=16384, help="tokens to evaluate (default 16384)")
-    p.add_argument("--window", type=positive_int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--window", type=window_size, default=512, help="tokens per window, at least 2 (default 512)")
     p.add_argument("--output_json", help="write the result as JSON")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
     p.set_defaults(func=main)
 
 
+def window_size(text: str) -> int:
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: a window needs at least 2 tokens (one to predict)")
+    return value
+
+
 def main(args: argparse.Namespace) -> int:
-    from kiln.cli.run import write_atomic
+    from kiln.fsutil import write_atomic
     from kiln.quant.calib import load_text, token_windows
     from kiln.runtime.engine import LLM
     from kiln.runtime.evaluate import perplexity

@@ -44,6 +44,8 @@ def main(args: argparse.Namespace) -> int:
     from kiln.cli.convert import resolve_dtype
     from kiln.quant.quantize import QuantizeRequest, quantize
 
+    if args.eval and args.tp_size != 1:
+        raise KilnError("--eval needs --tp_size 1 (evaluate a single-rank checkpoint)")
     start = time.perf_counter()
     req = QuantizeRequest(
         model_dir=Path(args.model_dir), output_dir=Path(args.output_dir), qformat=args.qformat,
@@ -55,8 +57,6 @@ def main(args: argparse.Namespace) -> int:
     out = quantize(req)
     print(f"{args.qformat} checkpoint written to {out} in {time.perf_counter() - start:.1f} s")
     if args.eval:
-        if args.tp_size != 1:
-            raise KilnError("--eval needs --tp_size 1 (evaluate a single-rank checkpoint)")
         report_eval(req, out, args.eval_tokens)
     return 0
 

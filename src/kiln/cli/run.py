@@ -12,6 +12,7 @@ from typing import Any
 
 from kiln.cli.options import non_negative_float, positive_int, seed_int
 from kiln.errors import KilnError
+from kiln.fsutil import write_atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -174,10 +175,3 @@ def json_report(outputs: list[Any], elapsed: float, shown: list[Any] | None = No
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except OSError as e:
-        raise KilnError(f"cannot write {path}: {e.strerror}") from None

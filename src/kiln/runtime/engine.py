@@ -135,7 +135,13 @@ class LLM:
     def stream(
         self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams]
     ) -> Iterator[StreamEvent]:
-        """Generate for all prompts, in flight, yielding text as it is produced."""
+        """Generate for all prompts, in flight, yielding text as it is produced.
+
+        One stream at a time per LLM: every step advances all running sequences, so a second stream
+        would receive the first one's tokens.
+        """
+        if self.scheduler.has_work():
+            raise KilnError("this LLM is already generating: finish (or close) the running stream first")
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError("one SamplingParams per prompt, or a single one for all")
