@@ -90,7 +90,10 @@ def measure_latency(llm: LLM, batch_size: int, input_len: int, output_len: int, 
 
 
 def _weight_bytes(llm: LLM) -> int:
-    return sum(p.numel() * p.element_size() for p in llm.model.parameters())
+    """Bytes a decode step reads: every weight, except an untied embedding table (only a row per token)."""
+    embed = llm.model.model.embed_tokens.weight
+    skip = embed if llm.model.lm_head is not None else None
+    return sum(p.numel() * p.element_size() for p in llm.model.parameters() if p is not skip)
 
 
 def _kv_bytes(llm: LLM, batch_size: int, mean_context: float) -> float:

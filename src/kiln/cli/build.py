@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output_dir", required=True, help="engine folder to write")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max_batch_size", type=positive_int, default=8, help="most sequences in flight (default 8)")
-    limits.add_argument("--max_input_len", type=positive_int, default=1024, help="longest prompt in tokens (default 1024)")
+    limits.add_argument("--max_input_len", type=positive_int, default=None,
+                        help="longest prompt in tokens (default 1024, at most max_seq_len)")
     limits.add_argument(
         "--max_seq_len", type=positive_int, default=None,
         help="longest prompt + output in tokens (default: the model's context, at most max(2048, max_input_len))",
@@ -75,11 +76,11 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     ckpt = load_config(require_dir(args.checkpoint_dir, "--checkpoint_dir"))
     max_seq_len = args.max_seq_len or min(
-        ckpt.model.max_position_embeddings, max(2048, args.max_input_len)
+        ckpt.model.max_position_embeddings, max(2048, args.max_input_len or 0)
     )
     build = BuildConfig(
         max_batch_size=args.max_batch_size,
-        max_input_len=args.max_input_len,
+        max_input_len=args.max_input_len or min(1024, max_seq_len),
         max_seq_len=max_seq_len,
         max_num_tokens=args.max_num_tokens,
         tokens_per_block=args.tokens_per_block,
