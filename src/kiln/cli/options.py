@@ -5,34 +5,35 @@ from __future__ import annotations
 import argparse
 
 
-def positive_int(text: str) -> int:
+def _number(text: str, kind: type) -> int | float:
     try:
-        value = int(text)
+        return kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be 1 or more")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def _at_least(value: int | float, low: int | float, limit: str) -> None:
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be {limit}")
+
+
+def positive_int(text: str) -> int:
+    value = int(_number(text, int))
+    _at_least(value, 1, "1 or more")
     return value
 
 
 def seed_int(text: str) -> int:
     """A random seed: any integer that fits in 64 bits (what torch.Generator.manual_seed takes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = int(_number(text, int))
     if not -(2**63) <= value < 2**64:
         raise argparse.ArgumentTypeError(f"{value} is invalid: it must fit in 64 bits (0 to {2**64 - 1})")
     return value
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is invalid: it must be 0 or more")
+    value = float(_number(text, float))
+    _at_least(value, 0, "0 or more")
     return value
 
 
