@@ -53,7 +53,10 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def read_gguf_tensors(path: Path, arch: str, n_heads: int, n_kv_heads: int) -> dict[str, torch.Tensor]:
+def read_gguf_tensors(
+    path: Path, arch: str, n_heads: int, n_kv_heads: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Every tensor kiln uses, dequantized and cast to `dtype` one at a time (peak: the model in `dtype`)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
@@ -67,7 +70,7 @@ def read_gguf_tensors(path: Path, arch: str, n_heads: int, n_kv_heads: int) -> d
         w = w.reshape(shape)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_rows(w, n_heads if "q_proj" in name else n_kv_heads)
-        tensors[name] = w
+        tensors[name] = w.to(dtype)
     return tensors
 
 
@@ -90,8 +93,8 @@ def gguf_to_hf(gguf_file: str | Path, output_dir: str | Path, dtype: str = "floa
     if config.model_type not in _SUPPORTED_ARCHES:
         raise KilnError(f"--gguf {gguf_file}: architecture {config.model_type!r} is not supported "
                         f"(kiln reads {', '.join(_SUPPORTED_ARCHES)} GGUF files)")
-    tensors = read_gguf_tensors(path, config.model_type, config.num_attention_heads, config.num_key_value_heads)
-    tensors = {k: v.to(getattr(torch, dtype)) for k, v in tensors.items()}
+    tensors = read_gguf_tensors(path, config.model_type, config.num_attention_heads, config.num_key_value_heads,
+                                getattr(torch, dtype))
     config.tie_word_embeddings = "lm_head.weight" not in tensors
     config.dtype = dtype
     out = Path(output_dir)
