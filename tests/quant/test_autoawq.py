@@ -298,7 +298,8 @@ def test_cli_converts_and_builds_and_refuses_in_one_line(awq_dir: Path, kiln_ckp
         "requant": (["--model_dir", awq_dir, "--use_weight_only", "--weight_only_precision", "int4"],
                     "is already quantized (AutoAWQ int4, group_size 64)"),
     }
-    running = {name: kiln("convert", *args, "--output_dir", tmp_path / name) for name, (args, _) in refusals.items()}
+    running = {name: kiln("convert", *args, "--output_dir", tmp_path / f"out-{name}")
+               for name, (args, _) in refusals.items()}
     convert = kiln("convert", "--model_dir", awq_dir, "--output_dir", ckpt)
     for name, proc in running.items():
         out, err = proc.communicate(timeout=120)
