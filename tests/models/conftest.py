@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from model_parity import HFModel, make_hf_model
 
 from kiln.checkpoint.convert import convert_hf
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The models here are tiny: extra intra-op threads only spin, and on a loaded 2-core machine
-    they make this folder several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread(one_thread):
+    """Tiny tensors: one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")

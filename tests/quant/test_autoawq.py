@@ -33,11 +33,8 @@ LIMITS = BuildConfig(max_batch_size=1, max_input_len=32, max_seq_len=32, max_num
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Tiny tensors: one intra-op thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,8 @@ VARIANTS = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: one thread is fastest, and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_thread):
+    """Tiny tensors: one intra-op thread (tests/conftest.py)."""
 
 
 def tiny_model(folder: Path, variant: str, seed: int = 0, outlier: float = 0.0) -> torch.nn.Module:

@@ -47,14 +47,13 @@ from kiln.fsutil import atomic_dir, read_json, require_dir
 from kiln.quant.formats import pack_int4, unpack_int4
 from kiln.quant.methods import QuantConfig
 from kiln.quant.rtn import LINEAR_NAMES, is_quantized_linear, quantize_weight
+from kiln.runtime.tokenizer import tokenizer_files
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column AWQ_ORDER[i] of its 8
 _COLUMN_NIBBLE = tuple(AWQ_ORDER.index(c) for c in range(8))  # column c sits in nibble (0, 4, 1, 5, 2, 6, 3, 7)[c]
 _SHIFTS = torch.arange(0, 32, 4)  # [8] bit offset of each nibble
 AWQ_PARTS = ("qweight", "qzeros", "scales")
 SUPPORTED = "kiln reads AutoAWQ checkpoints with quant_method 'awq', version 'gemm', bits 4, zero_point true"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "tokenizer.model")
 
 
 # ---- one linear ------------------------------------------------------------------------------------
@@ -239,7 +238,7 @@ def export_checkpoint(ckpt_dir: str | Path, output_dir: str | Path) -> Path:
     if quant.algo != "int4_awq" or ckpt.tp_size != 1:
         raise KilnError(f"--checkpoint_dir {ckpt_dir}: is {quant.algo or 'full_prec'} with tp_size "
                         f"{ckpt.tp_size}; AutoAWQ export needs an int4_awq checkpoint of tp_size 1")
-    extras = [ckpt_dir / n for n in TOKENIZER_FILES if (ckpt_dir / n).is_file()]
+    extras = tokenizer_files(ckpt_dir)
     tensors = iter_tensors([ckpt_dir / "rank0.safetensors"])
     return write_autoawq(tensors, hf_config(ckpt.model), quant.group_size, output_dir, extras)
 
@@ -257,7 +256,7 @@ def quantize_to_autoawq(model_dir: str | Path, output_dir: str | Path, group_siz
             yield from (quantize_weight(name, t, quant, torch.float16).items() if is_quantized_linear(name)
                         else [(name, t)])
 
-    extras = [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).is_file()]
+    extras = tokenizer_files(model_dir)
     return write_autoawq(tensors(), hf, group_size, output_dir, extras)
 
 

@@ -42,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     from kiln.checkpoint.convert import convert_hf
     from kiln.quant.methods import QuantConfig
+    from kiln.runtime.tokenizer import tokenizer_files
 
     start = time.perf_counter()
     if args.per_channel and args.group_size:
@@ -79,9 +80,3 @@ def resolve_dtype(dtype: str, model_dir: Path) -> str:
     if own not in DTYPES:
         raise KilnError(f"--dtype auto: the model's dtype {own!r} is not one of {', '.join(DTYPES)}; pass --dtype")
     return own
-
-
-def tokenizer_files(hf_dir: Path) -> list[Path]:
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-             "generation_config.json")
-    return [hf_dir / n for n in names if (hf_dir / n).is_file()]

@@ -111,11 +111,10 @@ def chat_prompt(tokenizer: Any, text: str) -> list[int]:
 
 
 def generate_and_print(
-    llm: Any, prompts: list[Any], params: Any, streaming: bool, shown: list[Any] | None = None
+    llm: Any, prompts: list[Any], params: Any, streaming: bool, shown: list[Any]
 ) -> list[Any]:
-    """Print each input (as `shown`, default the prompts) and its output as TensorRT-LLM's run.py does;
+    """Print each input (as the user gave it: `shown`) and its output as TensorRT-LLM's run.py does;
     stream one input at a time."""
-    shown = prompts if shown is None else shown
     if not streaming:
         outputs = llm.generate(prompts, params)
         for o in outputs:
@@ -154,12 +153,12 @@ def print_speed(outputs: list[Any], elapsed: float) -> None:
     )
 
 
-def json_report(outputs: list[Any], elapsed: float, shown: list[Any] | None = None) -> dict[str, Any]:
+def json_report(outputs: list[Any], elapsed: float, shown: list[Any]) -> dict[str, Any]:
     tokens = sum(len(o.output_ids) for o in outputs)
     return {
         "outputs": [
             {
-                "input": o.prompt if shown is None else shown[o.index],
+                "input": shown[o.index],
                 "input_token_ids": o.prompt_ids,
                 "output_text": o.text,
                 "output_token_ids": o.output_ids,

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.config import QFORMATS  # noqa: F401  (re-exported: the formats live next to their methods)
 from kiln.quant.formats import dequantize_int, fake_quantize_fp8_per_token
 
 

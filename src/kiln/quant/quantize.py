@@ -14,9 +14,10 @@ from pathlib import Path
 from kiln.builder.device import default_device
 from kiln.checkpoint.autoawq import prequantized_config
 from kiln.checkpoint.convert import convert_hf, read_hf_config, write_checkpoint
+from kiln.config import QFORMATS
 from kiln.errors import KilnError
 from kiln.fsutil import require_dir
-from kiln.quant.methods import QFORMATS, QuantConfig
+from kiln.quant.methods import QuantConfig
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,14 @@ from typing import Any
 
 from kiln.errors import KilnError
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "tokenizer.model")
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The tokenizer files present in `folder` (copied along when a checkpoint should double as one)."""
+    return [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+
 
 def load_tokenizer(tokenizer_dir: str | Path) -> Any:
     path = Path(tokenizer_dir)
