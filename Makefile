@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# every GPU test and the latency table, in one run (needs an NVIDIA GPU; uses the system python3)
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

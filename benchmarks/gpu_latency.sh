@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Latency of synthetic Mistral-7B-v0.3 shapes on the GPU, in every weight format, plus the TTFT of a
 # 2048-token prompt. Writes one JSON per run under ${OUT:-out}/ and prints a short table last.
-set -euo pipefail
+set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -9,9 +9,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 run() {  # name, args...
   local name=$1; shift
-  python3 -m kiln bench latency --synthetic mistral-7b-v0.3 "$@" --output_json "$out/$name.json" | tee "$out/$name.txt"
+  python3 -m kiln bench latency --synthetic mistral-7b-v0.3 "$@" --output_json "$out/$name.json" \
+    >"$out/$name.txt" 2>&1 || echo "$name FAILED: $(tail -n 3 "$out/$name.txt")"
+  grep -E "time per output|achieved|transformers" "$out/$name.txt" | sed "s/^/$name: /"
 }
-run bf16 --qformat full_prec
+run bf16 --qformat full_prec ${COMPARE_HF:---compare hf}
 run int4_awq_g128 --qformat int4_awq --group_size 128
 run int4_awq_g64 --qformat int4_awq --group_size 64
 run fp8 --qformat fp8

@@ -34,6 +34,8 @@ def build_engine(
     ckpt_dir = require_dir(checkpoint_dir, "--checkpoint_dir")
     require_distinct(ckpt_dir, output_dir, "--checkpoint_dir")
     ckpt = load_config(ckpt_dir)
+    if device.startswith("cuda"):
+        check_gpu_limits(build, ckpt.model.head_dim)
     if build.max_seq_len > ckpt.model.max_position_embeddings:
         print(
             f"warning: --max_seq_len {build.max_seq_len} is beyond the model's trained context "
@@ -55,6 +57,18 @@ def build_engine(
             save_file(tensors, str(tmp / f"rank{rank}.safetensors"), metadata={"format": "pt"})
         save_engine_config(tmp, cfg)
     return cfg
+
+
+def check_gpu_limits(build: BuildConfig, head_dim: int) -> None:
+    """What the GPU kernels need of an engine's shape: their KV tiles are whole cache blocks."""
+    bs = build.tokens_per_block
+    if bs < 8 or bs > 256 or bs & (bs - 1):
+        raise KilnError(
+            f"--tokens_per_block {bs} is not supported on the GPU: it must be a power of two from 8 to 256 "
+            "(the attention kernels read whole cache blocks); 64 is the default"
+        )
+    if head_dim > 256:
+        raise KilnError(f"the model's head_dim {head_dim} is above 256, the largest the GPU attention kernels take")
 
 
 def _fuse_rank(ckpt_dir: Path, ckpt: CheckpointConfig, rank: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,30 @@
+"""GPU kernels written in Triton, and the plain PyTorch references they are tested against.
+
+Which path a layer takes is decided by where its input lives: CUDA tensors go through the Triton
+kernels, CPU tensors through `reference`. Setting KILN_KERNELS=triton before kiln is imported (or
+`force_triton(True)`) sends CPU tensors through the Triton kernels too; with TRITON_INTERPRET=1 they then
+run in Triton's interpreter. That is slow, and only meant for testing the fast path without a GPU.
+
+The kernel modules import triton, so they are imported only when a fast path is taken: a CPU-only
+install of kiln needs no triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_force = os.environ.get("KILN_KERNELS", "") == "triton"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """True when an op on `x` should run its Triton kernel."""
+    return x.is_cuda or _force
+
+
+def force_triton(flag: bool) -> bool:
+    """Route CPU tensors through the Triton kernels (True) or the references (False); returns the old value."""
+    global _force
+    old, _force = _force, flag
+    return old

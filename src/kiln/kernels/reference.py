@@ -10,6 +10,7 @@ Paged KV cache layout: k_cache and v_cache are [num_blocks, block_size, num_kv_h
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def write_kv_cache(
@@ -73,3 +74,56 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, 2 * d] holding gate then up -> silu(gate) * up: [num_tokens, d]."""
     gate, up = x.chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [num_tokens, hidden]; weight: [hidden]. Returns (norm(x + residual), x + residual).
+
+    The sum is taken in x's dtype (it is the next layer's residual), the normalization in float32.
+    """
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype), x
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary_embedding(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding. positions: [num_tokens] int64; q: [num_tokens, heads, D];
+    k: [num_tokens, kv_heads, D]; cos, sin: [max_positions, D] float32 (each half repeated)."""
+    c = cos[positions].unsqueeze(1).to(q.dtype)
+    s = sin[positions].unsqueeze(1).to(q.dtype)
+    return q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+
+
+def linear_int(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weight-only integer linear (formats in kiln.quant.formats): dequantize to x's dtype, then matmul."""
+    from kiln.quant.formats import dequantize_int
+
+    parts = {"qweight": qweight, "scales": scales}
+    if zeros is not None:
+        parts["zeros"] = zeros
+    return F.linear(x, dequantize_int(parts, x.dtype))
+
+
+def linear_fp8(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """W8A8 e4m3: x quantized per token (dynamic scales), weight [out, in] e4m3 with per-row scales.
+
+    Computed as the exact product of the two dequantized operands, in float32, returned in x's dtype.
+    """
+    from kiln.quant.formats import fake_quantize_fp8_per_token
+
+    xq = fake_quantize_fp8_per_token(x.float())
+    w = weight.float() * weight_scale.float().unsqueeze(1)
+    return F.linear(xq, w).to(x.dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kiln.kernels import reference, use_triton
 from kiln.layers.base import WeightLoading
 
 
@@ -18,9 +19,8 @@ class RMSNorm(WeightLoading):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (norm(x + residual), x + residual); x, residual: [num_tokens, hidden]."""
-        if residual is not None:
-            x = x + residual
-        residual = x
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype), residual
+        if use_triton(x):
+            from kiln.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)  # the sum is written into `residual`
+        return reference.rms_norm(x, self.weight, self.eps, residual)

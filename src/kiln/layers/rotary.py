@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kiln.config import RopeConfig
+from kiln.kernels import reference
 
 
 def inverse_frequencies(head_dim: int, rope: RopeConfig, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -33,11 +34,6 @@ def inverse_frequencies(head_dim: int, rope: RopeConfig, device: torch.device | 
     return inv
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rope: RopeConfig, max_positions: int, device: torch.device | str):
         super().__init__()
@@ -52,6 +48,4 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [num_tokens]; q: [num_tokens, heads, head_dim]; k: [num_tokens, kv_heads, head_dim]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [num_tokens, 1, head_dim]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return reference.rotary_embedding(positions, q, k, self.cos, self.sin)

@@ -11,7 +11,7 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.distributed.comm import SINGLE, TPGroup
-from kiln.kernels.reference import silu_and_mul
+from kiln.kernels import reference, use_triton
 from kiln.layers.attention import Attention, AttentionMetadata
 from kiln.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kiln.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -34,8 +34,9 @@ class LlamaAttention(nn.Module):
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.rotary = [rotary]  # shared, kept out of this module's state
-        self.attn = Attention(layer, self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.sliding_windows[layer])
+        self.attn = Attention(
+            layer, self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.sliding_windows[layer], rotary
+        )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         n = x.shape[0]
@@ -45,8 +46,7 @@ class LlamaAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary[0](positions, q, k)
-        out = self.attn(q, k, v, meta)  # [n, heads, D]
+        out = self.attn(positions, q, k, v, meta)  # [n, heads, D]
         return self.o_proj(out.reshape(n, q_size))
 
 
@@ -58,7 +58,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        h = self.gate_up_proj(x)
+        if use_triton(h):
+            from kiln.kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(h))
+        return self.down_proj(reference.silu_and_mul(h))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -30,7 +30,8 @@ from tqdm import tqdm  # a dependency of transformers (and of huggingface_hub)
 from kiln.checkpoint.safetensors_io import hf_weight_files
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
-from kiln.layers.rotary import inverse_frequencies, rotate_half
+from kiln.kernels.reference import rotate_half
+from kiln.layers.rotary import inverse_frequencies
 from kiln.quant.formats import fake_quantize
 
 ALPHA_GRID = tuple(i / 20 for i in range(20))  # exponents of s = x_mean**alpha tried; 0 is plain RTN

@@ -62,30 +62,32 @@ class LLM:
         tokenizer_dir: str | Path | None = None,
         device: str | None = None,
         num_kv_blocks: int | None = None,
+        cuda_graphs: bool = True,
     ):
         device = device or default_device()
         model, config = load_engine(engine_dir, device)
         tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-        self._setup(model, config, device, tokenizer, num_kv_blocks)
+        self._setup(model, config, device, tokenizer, num_kv_blocks, cuda_graphs)
 
     @classmethod
     def from_model(
         cls, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any = None,
-        num_kv_blocks: int | None = None,
+        num_kv_blocks: int | None = None, cuda_graphs: bool = True,
     ) -> LLM:
         """An LLM around a model already in memory (synthetic benchmark models, tests)."""
         llm = cls.__new__(cls)
-        llm._setup(model, config, device, tokenizer, num_kv_blocks)
+        llm._setup(model, config, device, tokenizer, num_kv_blocks, cuda_graphs)
         return llm
 
     def _setup(
-        self, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any, num_kv_blocks: int | None
+        self, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any,
+        num_kv_blocks: int | None, cuda_graphs: bool,
     ) -> None:
         self.device, self.model, self.config, self.tokenizer = device, model, config, tokenizer
         build = config.build
         blocks = num_kv_blocks or build.max_batch_size * -(-build.max_seq_len // build.tokens_per_block)
         self.pool = BlockPool(blocks, build.tokens_per_block)
-        self.runner = ModelRunner(model, config, device, blocks)
+        self.runner = ModelRunner(model, config, device, blocks, cuda_graphs)
         self.scheduler = Scheduler(build, self.pool)
 
     # ---- requests --------------------------------------------------------------------------

@@ -3,14 +3,24 @@
 Prefill and decode share this path: a sequence contributes the tokens it has not computed yet, at
 their positions, written to their cache slots; logits are computed only for sequences whose last
 token was computed in this step.
+
+Everything a step needs from the host (token ids, positions, cache slots, lengths, block tables) is
+packed into one int64 tensor and copied to the device at once. On a GPU, decode steps (every sequence
+adds one token) replay a CUDA graph captured at load time for the smallest batch-size bucket that holds
+the batch: the whole forward pass, LM head included, is one launch, so decode runs at the speed of the
+kernels rather than of Python. Padding rows of a bucket have no cache slot (-1) and length 0, so they
+write nothing and read nothing.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from kiln.builder.engine_file import EngineConfig
 from kiln.checkpoint.format import torch_dtype
+from kiln.kernels import use_triton
 from kiln.layers.attention import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
 from kiln.runtime.kv_cache import allocate_kv_cache
@@ -18,24 +28,68 @@ from kiln.runtime.scheduler import Batch
 from kiln.runtime.sequence import Sequence
 
 
+def graph_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes that get a decode graph: 1, 2, 4, 8, then every 8 up to max_batch_size (inclusive)."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch_size]
+    sizes += list(range(8, max_batch_size, 8)) + [max_batch_size]
+    return sorted(set(sizes))
+
+
+@dataclass
+class _Inputs:
+    """Device views of one packed step: ids, positions, slots [T]; seq_lens [S]; tables [S, W]; qsl [S+1]."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    seq_lens: torch.Tensor
+    tables: torch.Tensor
+    query_start_loc: torch.Tensor
+
+
+def _views(buf: torch.Tensor, tokens: int, seqs: int, width: int) -> _Inputs:
+    parts = buf.split([tokens, tokens, tokens, seqs, seqs * width, seqs + 1])
+    return _Inputs(parts[0], parts[1], parts[2], parts[3], parts[4].view(seqs, width), parts[5])
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    buf: torch.Tensor  # the packed inputs the graph reads
+    logits: torch.Tensor  # [bucket, vocab] float32 the graph writes
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cfg: EngineConfig, device: str, num_blocks: int):
+    def __init__(
+        self, model: LlamaForCausalLM, cfg: EngineConfig, device: str, num_blocks: int,
+        cuda_graphs: bool = True,
+    ):
         self.model = model
         self.device = device
+        self.build = cfg.build
         self.block_size = cfg.build.tokens_per_block
         attn = model.model.layers[0].self_attn
         self.kv_caches = allocate_kv_cache(
             cfg.model.num_layers, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim,
             torch_dtype(cfg.dtype), device,
         )
+        self.kv_heads = attn.num_kv_heads
+        self.fast = use_triton(self.kv_caches[0][0])
+        self.max_blocks = -(-cfg.build.max_seq_len // self.block_size)
+        self.graphs: dict[int, _Graph] = {}
+        if cuda_graphs and self.fast and device.startswith("cuda"):
+            self.capture_graphs()
 
+    # ---- steps ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[Sequence], torch.Tensor]:
         """Returns the sequences to sample for and their logits [num_sampled, vocab] float32."""
+        if self.graphs and all(n == 1 for _, n in batch) and len(batch) <= max(self.graphs):
+            return [seq for seq, _ in batch], self._replay(batch)
         hidden, last, to_sample = self._forward(batch)
         if not last:
             return [], hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        return to_sample, self.model.compute_logits(hidden[self._tensor(last, torch.int64)])
+        return to_sample, self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
 
     @torch.inference_mode()
     def run_all_logits(self, batch: Batch) -> torch.Tensor:
@@ -46,11 +100,29 @@ class ModelRunner:
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, list[int], list[Sequence]]:
         """Pack, run the model; returns hidden states [num_tokens, hidden], the index of each finished
         sequence's last token, and those sequences."""
+        last: list[int] = []
+        to_sample: list[Sequence] = []
+        count = 0
+        for seq, n in batch:
+            count += n
+            if seq.num_computed + n == len(seq):
+                last.append(count - 1)
+                to_sample.append(seq)
+        width = max(len(seq.block_table) for seq, _ in batch)
+        host = self._pack(batch, count, len(batch), width)
+        inputs = _views(host.to(self.device), count, len(batch), width)
+        meta = self._metadata(batch, inputs, num_splits=self._num_splits(len(batch)))
+        return self.model(inputs.ids, inputs.positions, meta), last, to_sample
+
+    def _pack(self, batch: Batch, tokens: int, seqs: int, width: int) -> torch.Tensor:
+        """The host side of one step, as one int64 tensor laid out as `_views` reads it. Rows past the
+        batch (bucket padding) have slot -1, length 0 and block 0."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        last: list[int] = []
-        to_sample: list[Sequence] = []
+        lens: list[int] = []
+        tables: list[int] = []
+        qsl = [0]
         bs = self.block_size
         for seq, n in batch:
             start = seq.num_computed
@@ -58,20 +130,62 @@ class ModelRunner:
             span = range(start, start + n)
             positions += span
             slots += [seq.block_table[p // bs] * bs + p % bs for p in span]
-            if start + n == len(seq):
-                last.append(len(ids) - 1)
-                to_sample.append(seq)
-        width = max(len(seq.block_table) for seq, _ in batch)
-        tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq, _ in batch]
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._tensor(tables, torch.int32),
-            seq_lens=[seq.num_computed + n for seq, n in batch],
-            query_lens=[n for _, n in batch],
-            kv_caches=self.kv_caches,
+            lens.append(start + n)
+            tables += seq.block_table + [0] * (width - len(seq.block_table))
+            qsl.append(qsl[-1] + n)
+        pad_tokens, pad_seqs = tokens - len(ids), seqs - len(batch)
+        data = (
+            ids + [0] * pad_tokens + positions + [0] * pad_tokens + slots + [-1] * pad_tokens
+            + lens + [0] * pad_seqs + tables + [0] * (pad_seqs * width) + qsl + [qsl[-1]] * pad_seqs
         )
-        hidden = self.model(self._tensor(ids, torch.int64), self._tensor(positions, torch.int64), meta)
-        return hidden, last, to_sample
+        return torch.tensor(data, dtype=torch.int64)
 
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, device=self.device)
+    def _metadata(self, batch: Batch, inputs: _Inputs, num_splits: int, decode: bool | None = None) -> AttentionMetadata:
+        query_lens = [n for _, n in batch]
+        return AttentionMetadata(
+            slot_mapping=inputs.slots,
+            block_tables=inputs.tables,
+            seq_lens=[seq.num_computed + n for seq, n in batch],
+            query_lens=query_lens,
+            kv_caches=self.kv_caches,
+            seq_lens_t=inputs.seq_lens,
+            query_start_loc=inputs.query_start_loc,
+            max_query_len=max(query_lens, default=1),
+            decode=all(n == 1 for n in query_lens) if decode is None else decode,
+            num_splits=num_splits,
+        )
+
+    def _num_splits(self, num_seqs: int) -> int:
+        if not self.fast:
+            return 1
+        from kiln.kernels.decode_attention import choose_num_splits
+
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.startswith("cuda") else 8
+        return choose_num_splits(num_seqs, self.kv_heads, self.build.max_seq_len, self.block_size, sms)
+
+    # ---- CUDA graphs ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture one decode graph per batch-size bucket (largest first, sharing one memory pool)."""
+        pool = None
+        for size in reversed(graph_buckets(self.build.max_batch_size)):
+            buf = self._pack([], size, size, self.max_blocks).to(self.device)
+            inputs = _views(buf, size, size, self.max_blocks)
+            meta = self._metadata([], inputs, num_splits=self._num_splits(size), decode=True)
+            meta.max_query_len = 1
+            for _ in range(2):  # compile and autotune outside the capture
+                self.model.compute_logits(self.model(inputs.ids, inputs.positions, meta))
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model.compute_logits(self.model(inputs.ids, inputs.positions, meta))
+            pool = graph.pool()
+            self.graphs[size] = _Graph(graph, buf, logits)
+        torch.cuda.synchronize(self.device)
+
+    def _replay(self, batch: Batch) -> torch.Tensor:
+        size = min(s for s in self.graphs if s >= len(batch))
+        g = self.graphs[size]
+        g.buf.copy_(self._pack(batch, size, size, self.max_blocks), non_blocking=True)
+        g.graph.replay()
+        return g.logits[: len(batch)]
