@@ -22,7 +22,8 @@ export KILN_HOME="${KILN_HOME:-/tmp/kiln-home}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
-python3 -m pytest -q -m gpu -p no:cacheprovider -rs ${GPU_TESTS:-tests} -s >"$out/gpu_tests.log" 2>&1
+# shellcheck disable=SC2086  # GPU_TESTS: paths and pytest options, split on spaces
+python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s ${GPU_TESTS:-tests} >"$out/gpu_tests.log" 2>&1
 tests_rc=$?
 grep -E "top-1 agreement" "$out/gpu_tests.log" || true
 tail -n 25 "$out/gpu_tests.log"

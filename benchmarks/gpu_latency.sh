@@ -7,9 +7,11 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+runs=" ${RUNS:-bf16 int4_awq_g128 int4_awq_g64 fp8 int8_wo ttft2048_bf16} "
 run() {  # name, args...
   local name=$1; shift
-  python3 -m kiln bench latency --synthetic mistral-7b-v0.3 "$@" --output_json "$out/$name.json" \
+  [[ "$runs" == *" $name "* ]] || return 0
+  timeout "${RUN_TIMEOUT:-300}" python3 -m kiln bench latency --synthetic mistral-7b-v0.3 "$@" --output_json "$out/$name.json" \
     >"$out/$name.txt" 2>&1 || echo "$name FAILED: $(tail -n 3 "$out/$name.txt")"
   grep -E "time per output|achieved|transformers" "$out/$name.txt" | sed "s/^/$name: /"
 }
