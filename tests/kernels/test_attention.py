@@ -23,7 +23,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {
     torch.float32: {"rtol": 1e-4, "atol": 1e-4},
     torch.float16: {"rtol": 2e-3, "atol": 2e-3},
-    torch.bfloat16: {"rtol": 2e-2, "atol": 2e-3},
+    # bf16: the kernel feeds P to the P.V product in bf16 (as flash attention does), so an output
+    # of a few keys can move by ~1e-3 of its magnitude per key: 5e-3 absolute, plus the norm check.
+    torch.bfloat16: {"rtol": 2e-2, "atol": 5e-3},
 }
 
 

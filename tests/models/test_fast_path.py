@@ -50,3 +50,29 @@ def test_kernels_are_really_used(hf_model, monkeypatch):
     ids = token_ids(10, 20)
     (got,) = teacher_forced_logits(llm, [ids], [10])
     assert (got - m.logits(ids)[9:-1]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("qformat,group", [("int4_awq", 32), ("int4_wo", 0), ("int8_wo", 0), ("fp8", 0)])
+def test_quantized_formats_through_kernels(hf_model, tmp_path, qformat, group):
+    """Each weight format's Triton matmul inside the whole model gives the logits of its reference path
+    (dequantize, then matmul) on the same checkpoint, in float16 (fp8 in float32: its activation rounding
+    to e4m3 turns float16's rounding differences between the two paths into 1/16 steps)."""
+    from kiln.builder.build import build_engine
+    from kiln.checkpoint.convert import convert_hf
+    from kiln.config import BuildConfig
+    from kiln.quant.methods import QuantConfig
+    from kiln.runtime.engine import LLM
+
+    m = hf_model("llama3")
+    dtype = "float32" if qformat == "fp8" else "float16"
+    convert_hf(m.hf_dir, tmp_path / "ckpt", dtype=dtype, quant=QuantConfig(qformat, group))
+    build_engine(tmp_path / "ckpt", tmp_path / "engine", BuildConfig(max_batch_size=4, max_input_len=48,
+                                                                      max_seq_len=64, tokens_per_block=16))
+    seqs, prompt_lens = [token_ids(10, 24), token_ids(11, 9)], [13, 1]
+    force_triton(False)
+    want = teacher_forced_logits(LLM(tmp_path / "engine", device="cpu"), seqs, prompt_lens)
+    force_triton(True)
+    got = teacher_forced_logits(LLM(tmp_path / "engine", device="cpu"), seqs, prompt_lens)
+    for g, w in zip(got, want, strict=True):
+        scale = w.abs().max().item()
+        assert (g - w).abs().max().item() <= 2e-2 * scale, f"{qformat}: Triton path differs from its reference"

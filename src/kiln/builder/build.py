@@ -41,6 +41,13 @@ def build_engine(
             f"warning: --max_seq_len {build.max_seq_len} is beyond the model's trained context "
             f"({ckpt.model.max_position_embeddings} positions); quality may drop past it"
         )
+    tuning = None
+    quant = QuantConfig.from_dict(ckpt.quantization)
+    if device.startswith("cuda") and quant.algo is not None:
+        from kiln.kernels.tuning import tune
+
+        print(f"tuning the {quant.algo} kernels for this GPU ...")
+        tuning = tune(ckpt.model, quant, build, torch_dtype(ckpt.dtype), device, ckpt.tp_size).to_dict()
     cfg = EngineConfig(
         model=ckpt.model,
         build=build,
@@ -50,6 +57,7 @@ def build_engine(
         quantization=ckpt.quantization,
         flags=flags or {},
         versions=current_versions(),
+        tuning=tuning,
     )
     with atomic_dir(output_dir) as tmp:
         for rank in range(ckpt.tp_size):

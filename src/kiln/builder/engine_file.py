@@ -29,6 +29,7 @@ class EngineConfig:
     quantization: dict[str, Any]
     flags: dict[str, Any]
     versions: dict[str, str]
+    tuning: dict[str, Any] | None = None  # kernel choices measured on the build GPU (kernels/tuning.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,6 +43,7 @@ class EngineConfig:
             "flags": self.flags,
             "quantization": self.quantization,
             "model": self.model.to_dict(),
+            "tuning": self.tuning,
         }
 
     @classmethod
@@ -55,6 +57,7 @@ class EngineConfig:
             quantization=d.get("quantization", {"quant_algo": None}),
             flags=d.get("flags", {}),
             versions=d.get("versions", {}),
+            tuning=d.get("tuning"),
         )
 
 

@@ -64,7 +64,9 @@ def default_prefill_config(head_dim: int) -> PrefillConfig:
     return PrefillConfig(64, 32, num_warps=4, num_stages=2)
 
 
-@triton.jit
+# num_m_blocks follows the prompt length: not specializing on it (Triton would on 1 and multiples of 16)
+# keeps a new prompt length from compiling the kernel again in the middle of serving.
+@triton.jit(do_not_specialize=["num_m_blocks"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, bt_ptr, seq_lens_ptr, qsl_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_ct, stride_ch,

@@ -36,8 +36,10 @@ class LinearBase(WeightLoading):
         self.tp = tp
         self.in_features = in_features
         self.out_features = out_features
+        self.quant_config = quant or QuantConfig()
         self.quant_method = quant_method(quant)
         self.quant_method.create_weights(self, in_features, out_features)
+        self.plan = None  # the kernel plan measured for this shape on this GPU (kernels/tuning.py)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

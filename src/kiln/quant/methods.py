@@ -2,7 +2,8 @@
 
 A `QuantMethod` creates the layer's parameters (so sharding and loading see the stored tensors) and
 computes y = x W^T. On the CPU every format goes through the reference path: dequantize, then matmul
-(fp8 also quantizes the activations per token, as the GPU's W8A8 matmul will).
+(fp8 also quantizes the activations per token, as the GPU's W8A8 matmul does). On CUDA tensors the
+integer formats run kiln's Triton kernels on the packed weights and fp8 runs the fp8 tensor cores.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels import use_triton
 from kiln.quant.formats import dequantize_int, fake_quantize_fp8_per_token
 
 
@@ -75,7 +77,17 @@ class WeightOnlyInt(FullPrecision):
         return dequantize_int(parts, layer.scales.dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(layer))
+        if not use_triton(x):
+            return F.linear(x, self.dequantized_weight(layer))
+        group = self.group_size or layer.in_features
+        plan = _plan_args(layer)
+        if self.bits == 4:
+            from kiln.kernels.int4_matmul import int4_matmul
+
+            return int4_matmul(x, layer.qweight, layer.scales, layer.zeros, group, **plan)
+        from kiln.kernels.int8_matmul import int8_matmul
+
+        return int8_matmul(x, layer.qweight, layer.scales, group, **plan)
 
 
 class Fp8(FullPrecision):
@@ -89,7 +101,22 @@ class Fp8(FullPrecision):
         return (layer.weight.float() * layer.weight_scale.unsqueeze(1)).to(dtype)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            from kiln.kernels.fp8_matmul import fp8_matmul
+
+            plan = layer.plan
+            if plan is None:
+                return fp8_matmul(x, layer.weight, layer.weight_scale)
+            return fp8_matmul(x, layer.weight, layer.weight_scale, gemv_max_m=plan.gemv_max_m, gemv=plan.gemv)
         return F.linear(fake_quantize_fp8_per_token(x), self.dequantized_weight(layer, x.dtype))
+
+
+def _plan_args(layer: nn.Module) -> dict[str, Any]:
+    """The measured kernel plan of this layer as the int kernels' keyword arguments ({}: their defaults)."""
+    plan = layer.plan
+    if plan is None:
+        return {}
+    return {"gemv_max_m": plan.gemv_max_m, "dequant_min_m": plan.dequant_min_m, "gemv": plan.gemv, "gemm": plan.gemm}
 
 
 def quant_method(cfg: QuantConfig | None) -> FullPrecision:

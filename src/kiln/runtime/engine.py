@@ -87,6 +87,10 @@ class LLM:
         build = config.build
         blocks = num_kv_blocks or build.max_batch_size * -(-build.max_seq_len // build.tokens_per_block)
         self.pool = BlockPool(blocks, build.tokens_per_block)
+        if device.startswith("cuda"):  # before the CUDA graphs are captured: they keep the kernel choices
+            from kiln.kernels.tuning import for_engine
+
+            for_engine(model, config, device)
         self.runner = ModelRunner(model, config, device, blocks, cuda_graphs)
         self.scheduler = Scheduler(build, self.pool)
 
