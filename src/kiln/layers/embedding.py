@@ -45,9 +45,20 @@ class VocabParallelEmbedding(WeightLoading):
 
         [num_seqs, hidden] -> [num_seqs, vocab_size] in float32.
         """
-        out = F.linear(hidden, self.weight).float()  # [num_seqs, rows_per_rank]
+        out = _logits_float32(hidden, self.weight)  # [num_seqs, rows_per_rank]
         out = self.tp.all_gather_last_dim(out)
         return out[:, : self.vocab_size]
+
+
+def _logits_float32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden @ weight^T with float32 output. Logits rounded to bf16 (8 bits of mantissa: steps of 0.125
+    at 20) would tie or swap near-equal top tokens; cuBLAS can write the float32 accumulator directly."""
+    if hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16):
+        try:
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
+            pass
+    return F.linear(hidden, weight).float()
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -108,7 +108,8 @@ class ModelRunner:
             if seq.num_computed + n == len(seq):
                 last.append(count - 1)
                 to_sample.append(seq)
-        width = max(len(seq.block_table) for seq, _ in batch)
+        # A fixed table width keeps the kernels' arguments the same whatever the lengths (no recompiles).
+        width = max(self.max_blocks, *(len(seq.block_table) for seq, _ in batch))
         host = self._pack(batch, count, len(batch), width)
         inputs = _views(host.to(self.device), count, len(batch), width)
         meta = self._metadata(batch, inputs, num_splits=self._num_splits(len(batch)))
