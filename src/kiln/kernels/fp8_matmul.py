@@ -100,32 +100,21 @@ def quantize_fp8_per_token(
 
 
 @triton.jit
-def _fp8_gemv_fused_kernel(
-    x_ptr, w_ptr, sw_ptr, out_ptr,
+def _fp8_gemv_kernel(
+    xq_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr,
     M, N, K, split_cols,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_os, stride_om, stride_on,
+    stride_xm, stride_wn, stride_wk, stride_os, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # Program (n tile, K split, M block). The per-token quantization of x is done here: each program
-    # first finds the amax of its rows of x (K values each, from L2: a few KB against the MBs of weight it streams),
-    # then quantizes each x tile as it goes. Same rounding as _quantize_fp8_kernel, one launch fewer.
+    # Program (n tile, K split, M block). xq is contiguous [M, K] (quantize_fp8_per_token's output).
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    sx = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for m in tl.static_range(BLOCK_M):
-        row = tl.minimum(m0 + m, M - 1).to(tl.int64)
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=offs_k < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
-        s_m = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), 448.0)
-        sx = tl.where(offs_m == m0 + m, s_m, sx)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: rows of W along dim 0
+
     k_start = pid_s * split_cols
     k_end = tl.minimum(k_start + split_cols, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -134,39 +123,16 @@ def _fp8_gemv_fused_kernel(
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         for m in tl.static_range(BLOCK_M):
-            row = tl.minimum(m0 + m, M - 1).to(tl.int64)  # rows past M are computed, never stored
-            s_m = tl.sum(tl.where(offs_m == m0 + m, sx, 0.0), axis=0)
-            xv = tl.load(x_ptr + row * stride_xm + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
-            xq = _round_to_e4m3(tl.math.div_rn(xv, s_m))
-            part = tl.sum(w * xq[None, :], axis=1)
+            row = tl.minimum(m0 + m, M - 1)  # rows past M are computed, never stored
+            xv = tl.load(xq_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            part = tl.sum(w * xv[None, :], axis=1)
             acc = tl.where(offs_m[None, :] == m0 + m, acc + part[:, None], acc)
 
     sw = tl.load(sw_ptr + offs_n, mask=n_mask, other=0.0)
+    sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
     acc = acc * sw[:, None] * sx[None, :]
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_m[None, :] < M))
-
-
-def _gemv_fused(
-    x2: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out2: torch.Tensor,
-    *,
-    block_m: int | None, block_n: int, block_k: int, split_k: int | None, num_warps: int,
-) -> None:
-    m, k = x2.shape
-    n = weight.shape[0]
-    block_m = block_m or min(8, triton.next_power_of_2(m))
-    grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
-    split_cols, n_splits = split_plan(k, block_k, split_k, grid_n * grid_m, x2.device)
-    target, stride_os = splits_target(out2, n_splits)
-    _fp8_gemv_fused_kernel[(grid_n, n_splits, grid_m)](
-        x2, weight, weight_scale.reshape(n), target,
-        m, n, k, split_cols,
-        x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), stride_os, target.stride(-2),
-        target.stride(-1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-    )
-    if n_splits > 1:
-        sum_splits(target, out2)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -182,6 +148,27 @@ def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) ->
     return x.reshape(-1, k)
 
 
+def _gemv_quantized(
+    xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out2: torch.Tensor,
+    *,
+    block_m: int | None, block_n: int, block_k: int, split_k: int | None, num_warps: int,
+) -> None:
+    m, k = xq.shape
+    n = weight.shape[0]
+    block_m = block_m or min(8, triton.next_power_of_2(m))
+    grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
+    split_cols, n_splits = split_plan(k, block_k, split_k, grid_n * grid_m, xq.device)
+    target, stride_os = splits_target(out2, n_splits)
+    _fp8_gemv_kernel[(grid_n, n_splits, grid_m)](
+        xq, sx, weight, weight_scale.reshape(n), target,
+        m, n, k, split_cols,
+        xq.stride(0), weight.stride(0), weight.stride(1), stride_os, target.stride(-2), target.stride(-1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    if n_splits > 1:
+        sum_splits(target, out2)
+
+
 def fp8_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -194,7 +181,7 @@ def fp8_gemv(
     split_k: int | None = None,
     num_warps: int = 4,
 ) -> torch.Tensor:
-    """W8A8 y = x @ W^T for small M: one pass over the e4m3 weight, x quantized per token in the kernel.
+    """W8A8 y = x @ W^T for small M: quantize x per token, then one pass over the e4m3 weight.
 
     block_m: rows of x per program (default next_power_of_2(M), at most 8). split_k: programs per output
     tile along K (None: int4_matmul.auto_split_k); > 1 adds a reduction kernel.
@@ -204,8 +191,9 @@ def fp8_gemv(
     result, out2 = output_rows(x, m, n, out)
     if m == 0 or n == 0:
         return result
-    _gemv_fused(x2, weight, weight_scale, out2, block_m=block_m, block_n=block_n, block_k=block_k,
-                split_k=split_k, num_warps=num_warps)
+    xq, sx = quantize_fp8_per_token(x2)
+    _gemv_quantized(xq, sx, weight, weight_scale, out2, block_m=block_m, block_n=block_n, block_k=block_k,
+                    split_k=split_k, num_warps=num_warps)
     return result
 
 
@@ -249,12 +237,12 @@ def fp8_matmul(
     k = x2.shape[1]
     if m == 0 or n == 0:
         return torch.empty(*x.shape[:-1], n, dtype=out_dtype, device=x.device)
+    xq, sx = quantize_fp8_per_token(x2)
     if not x.is_cuda or k % 16 or n % 16 or m <= gemv_max_m:
         y = torch.empty(m, n, dtype=out_dtype, device=x.device)
         cfg = {"block_m": None, "block_n": 64, "block_k": 128, "split_k": None, "num_warps": 4, **(gemv or {})}
-        _gemv_fused(x2, weight, weight_scale, y, **cfg)
+        _gemv_quantized(xq, sx, weight, weight_scale, y, **cfg)
     else:
-        xq, sx = quantize_fp8_per_token(x2)
         w = weight if weight.stride(1) == 1 else weight.contiguous()  # mat2 must be column-major
         y = _scaled_mm(xq, sx, w, weight_scale.reshape(1, n).contiguous(), out_dtype)
     return y.view(*x.shape[:-1], n)
