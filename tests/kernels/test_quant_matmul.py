@@ -389,8 +389,9 @@ def test_gpu_fp8_mistral(shape, m):
     ref = reference.linear_fp8(x, p["weight"], p["weight_scale"])
     xq, scale = quantize_fp8_per_token(x)
     want_scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
-    assert torch.equal(scale, want_scale)
-    assert torch.equal(xq.float(), (x.float() / want_scale).to(torch.float8_e4m3fn).float())
+    # CUDA torch divides by a constant through its reciprocal (1 ulp off); the kernel divides exactly.
+    torch.testing.assert_close(scale, want_scale, rtol=2.5e-7, atol=0)
+    assert torch.equal(xq.float(), (x.float() / scale).to(torch.float8_e4m3fn).float())
     assert_matches(fp8_matmul(x, p["weight"], p["weight_scale"]), ref)  # _scaled_mm
     if m <= GEMV_MAX_ROWS:
         assert_matches(fp8_gemv(x, p["weight"], p["weight_scale"]), ref)
