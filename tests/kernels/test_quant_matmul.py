@@ -403,8 +403,11 @@ def test_gpu_fp8_matmul_fp16_output():
     """_scaled_mm's row-wise scaling in older PyTorch gives bf16 only; fp8_matmul must still serve fp16."""
     p = _gpu_weight("fp8", 4096, 4096, 0)
     x = _gpu_x(64, 4096).half()
-    assert_matches(fp8_matmul(x, p["weight"], p["weight_scale"]), reference.linear_fp8(x, p["weight"],
-                                                                                         p["weight_scale"]))
+    out = fp8_matmul(x, p["weight"], p["weight_scale"])
+    # The reference on the CPU: CUDA torch divides by the activation scale through its reciprocal, which
+    # moves a few activations across an e4m3 rounding boundary (a 1/16 step) against the exact division.
+    ref = reference.linear_fp8(x.cpu(), p["weight"].cpu(), p["weight_scale"].cpu())
+    assert_matches(out.cpu(), ref)
 
 
 @gpu
