@@ -132,6 +132,39 @@ def test_int4_gemv(group: int, n: int, k: int, m: int, split_k: int) -> None:
     assert_matches(out, _ref_int4(x, p))
 
 
+@pytest.mark.parametrize("group, n, k", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("split_k", [2, None])
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_int4_gemv1_single_row(group: int, n: int, k: int, split_k: int | None, dtype: torch.dtype) -> None:
+    """The word-wise M = 1 kernel (1 + q/16 floats, zero and scale applied per group), N not a multiple
+    of the tile, splits in whole groups, a per-channel group of 25 words (chunks of one word)."""
+    p, x = _int4(n, k, group, scale_dtype=dtype), _x(1, k, dtype)
+    out = int4_module.int4_gemv1(x, p["qweight"], p["scales"], p["zeros"], group, split_k=split_k,
+                                 block_n=16, chunk_words=4)
+    assert_matches(out, _ref_int4(x, p))
+
+
+def test_int4_gemv1_bf16() -> None:
+    p, x = _int4(40, 256, 64, scale_dtype=torch.bfloat16), _x(1, 256, torch.bfloat16)
+    out = int4_module.int4_gemv1(x, p["qweight"], p["scales"], p["zeros"], 64, split_k=1, block_n=16)
+    assert_matches(out, _ref_int4(x, p))
+
+
+def test_int4_matmul_single_row_takes_gemv1(monkeypatch) -> None:
+    called = _spy(monkeypatch, int4_module, ["int4_gemv1", "int4_gemv"])
+    p, x = _int4(40, 128, 32), _x(1, 128)
+    int4_matmul(x, p["qweight"], p["scales"], p["zeros"], 32)
+    assert called == ["int4_gemv1"]
+    called.clear()
+    int4_matmul(x, p["qweight"], p["scales"], p["zeros"], 32, use_gemv1=False)
+    assert called == ["int4_gemv"]
+    called.clear()
+    odd = p["qweight"].new_empty(40, 64 + 1)[:, 1:]  # a misaligned view: the general GEMV takes it
+    odd.copy_(p["qweight"])
+    assert_matches(int4_matmul(x, odd, p["scales"], p["zeros"], 32), _ref_int4(x, p))
+    assert called == ["int4_gemv"]
+
+
 @pytest.mark.parametrize("m", [17, 40])
 def test_int4_gemv_several_row_blocks(m: int) -> None:
     """More rows than one program holds (block_m 8): the weight is re-read per block of rows."""

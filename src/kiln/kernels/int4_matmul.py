@@ -312,6 +312,111 @@ def _int4_gemv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_m[None, :] < M))
 
 
+@triton.jit
+def _nibble_as_float(words, i: tl.constexpr):
+    """Nibble i (bits 4i..4i+3) of int32 words -> fp32 1 + q/16, exactly: the nibble is moved to the top
+    of the mantissa under exponent 0 (one shift and one and-or per weight, no conversion)."""
+    if 4 * i <= 19:
+        bits = (words << (19 - 4 * i)) & 0x780000
+    else:
+        bits = (words >> (4 * i - 19)) & 0x780000
+    return (bits | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int4_gemv1_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    N, KW, split_words,
+    stride_qn, stride_sn, stride_sg, stride_zn, stride_zg, stride_os,
+    GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr,
+):
+    # One row of x (M = 1). Program (n tile, K split); the split is a whole number of groups. The weight
+    # is read as int32 words of 8 nibbles (columns 8j..8j+7). Per weight: shift, and-or into the float
+    # 1 + q/16, FFMA into a [BLOCK_N, CW] accumulator; the reduction over K, the zero point and the scale
+    # are applied once per group: sum x (q - z) = 16 sum x (1 + q/16) - (16 + z) sum x.
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_c = tl.arange(0, CW)
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    w_start = pid_s * split_words
+    w_end = tl.minimum(w_start + split_words, KW)
+    for g0 in range(w_start, w_end, GROUP_WORDS):
+        g = g0 // GROUP_WORDS
+        acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
+        xsum = tl.zeros((CW,), dtype=tl.float32)
+        for c in tl.static_range(0, GROUP_WORDS, CW):
+            offs_w = g0 + c + offs_c
+            w_mask = offs_w < KW
+            words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
+                            mask=n_mask[:, None] & w_mask[None, :], other=0)
+            for i in tl.static_range(8):
+                xv = tl.load(x_ptr + offs_w * 8 + i, mask=w_mask, other=0.0).to(tl.float32)
+                acc += _nibble_as_float(words, i) * xv[None, :]
+                xsum += xv
+        sv = tl.sum(acc, axis=1)
+        sx = tl.sum(xsum, axis=0)
+        sc = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
+        out += sc * (16.0 * sv - (16.0 + z) * sx)
+    tl.store(out_ptr + pid_s * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+def _words_ok(qweight: torch.Tensor, group: int) -> bool:
+    """Whether qweight can be read as int32 words of whole groups (the single-row kernel's layout)."""
+    return (
+        qweight.stride(1) == 1 and qweight.shape[1] % 4 == 0 and qweight.stride(0) % 4 == 0
+        and qweight.storage_offset() % 4 == 0 and qweight.data_ptr() % 4 == 0 and group % 8 == 0
+    )
+
+
+def int4_gemv1(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    out: torch.Tensor | None = None,
+    *,
+    block_n: int = 32,
+    chunk_words: int = 32,
+    split_k: int | None = None,
+    num_warps: int = 4,
+) -> torch.Tensor:
+    """y = x @ W^T for one row of x (decode at batch 1), about three instructions per weight.
+
+    Needs K and the group size to be multiples of 8 and qweight 4-byte aligned (int4_gemv checks and
+    falls back to its general kernel otherwise). chunk_words: int32 words (8 columns each) per step;
+    split_k: programs along K, in whole groups (None: about two programs per SM).
+    """
+    x2, n, k, group = _check(x, qweight, scales, zeros, group_size)
+    if x2.shape[0] != 1 or not _words_ok(qweight, group):
+        raise ValueError("int4_gemv1 takes one row of x and a word-aligned qweight with groups of 8k columns")
+    result, out2 = output_rows(x, 1, n, out)
+    if n == 0:
+        return result
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    kw, gw = k // 8, group // 8
+    cw = min(chunk_words, gw & -gw)  # a power of two that divides the group
+    grid_n = triton.cdiv(n, block_n)
+    n_groups = kw // gw
+    splits = split_k or auto_split_k(grid_n, n_groups, x.device)
+    split_words = triton.cdiv(n_groups, max(1, min(splits, n_groups))) * gw
+    n_splits = triton.cdiv(kw, split_words)
+    target, stride_os = splits_target(out2, n_splits)
+    _int4_gemv1_kernel[(grid_n, n_splits)](
+        x2, qweight.view(torch.int32), scales, zeros, target,
+        n, kw, split_words,
+        qweight.stride(0) // 4, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), stride_os,
+        GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, num_warps=num_warps,
+    )
+    if n_splits > 1:
+        sum_splits(target, out2)
+    return result
+
+
 def int4_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -533,12 +638,17 @@ def int4_matmul(
     dequant_min_m: int | None = None,
     gemv: dict[str, int] | None = None,
     gemm: dict[str, int] | None = None,
+    gemv1: dict[str, int] | None = None,
+    use_gemv1: bool = True,
 ) -> torch.Tensor:
     """y = x @ W^T for the int4 format, the path picked by M (rows of x):
+    M == 1 (and a word-aligned layout): int4_gemv1 with the `gemv1` block sizes, unless use_gemv1 is off;
     M <= gemv_max_m: int4_gemv; M >= dequant_min_m (None: never): dequantize_int4, then cuBLAS;
     otherwise int4_gemm. gemv / gemm: keyword arguments (block sizes) of those paths. The defaults are
     replaced by the plan kiln build measures for each layer shape (kernels/tuning.py)."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if m == 1 and use_gemv1 and _words_ok(qweight, group_of(2 * qweight.shape[1], scales.shape[1], group_size)):
+        return int4_gemv1(x, qweight, scales, zeros, group_size, out, **(gemv1 or {}))
     if m <= gemv_max_m:
         return int4_gemv(x, qweight, scales, zeros, group_size, out, **(gemv or {}))
     if dequant_min_m is not None and m >= dequant_min_m:

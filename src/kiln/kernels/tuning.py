@@ -35,6 +35,8 @@ class LinearPlan:
     dequant_min_m: int | None = None  # rows from which dequantize-then-cuBLAS runs (None: never)
     gemv: dict[str, int] = field(default_factory=dict)  # keyword arguments of *_gemv
     gemm: dict[str, int] = field(default_factory=dict)  # keyword arguments of *_gemm
+    use_gemv1: bool = True  # int4: the word-wise single-row kernel for M = 1
+    gemv1: dict[str, int] = field(default_factory=dict)  # its keyword arguments
 
 
 @dataclass
@@ -114,10 +116,19 @@ def _paths(algo: str, w: dict[str, torch.Tensor], group: int) -> dict[str, Calla
     qw, s, z = w["qweight"], w["scales"], w["zeros"]
     return {
         "gemv": lambda x, **c: i4.int4_gemv(x, qw, s, z, group, **c),
+        "gemv1": lambda x, **c: i4.int4_gemv1(x, qw, s, z, group, **c),
         "gemm": lambda x, **c: i4.int4_gemm(x, qw, s, z, group, **c),
         "dequant": lambda x, **c: x @ i4.dequantize_int4(qw, s, z, group, x.dtype).t(),
     }
 
+
+GEMV1_GRID = [
+    dict(block_n=bn, chunk_words=cw, num_warps=nw, split_k=sk)
+    for bn in (16, 32, 64)
+    for cw in (16, 32)
+    for nw in (4, 8)
+    for sk in (None, 1, 2)
+]
 
 GEMV_GRID = [
     dict(block_n=bn, block_k=bk, num_warps=nw, split_k=sk)
@@ -128,19 +139,28 @@ GEMV_GRID = [
 ]
 
 
+def _best(fn: Callable[..., torch.Tensor], x: torch.Tensor, grid: list[dict]) -> tuple[dict[str, int], float]:
+    """The fastest configuration of fn(x, **config) in grid (None values dropped), and its time in ms."""
+    best, best_ms = {}, float("inf")
+    for cfg in grid:
+        try:
+            ms = _bench(lambda cfg=cfg: fn(x, **cfg))
+        except Exception:  # a configuration this GPU cannot compile or run (shared memory, registers)
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return {k: v for k, v in best.items() if v is not None}, best_ms
+
+
 def tune_linear(algo: str, n: int, k: int, group: int, max_rows: int, dtype: torch.dtype, device: str) -> LinearPlan:
     w = _random_weights(algo, n, k, group, dtype, device)
     paths = _paths(algo, w, group)
     x1 = torch.randn(1, k, dtype=dtype, device=device)
-    best_gemv, best_ms = {}, float("inf")
-    for cfg in GEMV_GRID:
-        try:
-            ms = _bench(lambda cfg=cfg: paths["gemv"](x1, **cfg))
-        except Exception:  # a configuration this GPU cannot compile or run (shared memory, registers)
-            continue
-        if ms < best_ms:
-            best_gemv, best_ms = cfg, ms
-    plan = LinearPlan(gemv={k2: v for k2, v in best_gemv.items() if v is not None})
+    best_gemv, best_ms = _best(paths["gemv"], x1, GEMV_GRID)
+    plan = LinearPlan(gemv=best_gemv)
+    if "gemv1" in paths:
+        plan.gemv1, ms1 = _best(paths["gemv1"], x1, GEMV1_GRID)
+        plan.use_gemv1 = ms1 < best_ms
     # The GEMV keeps the rows up to the first batch size at which the GEMM is faster.
     plan.gemv_max_m = 0
     for m in (r for r in GEMV_ROWS if r <= max(max_rows, 1)):

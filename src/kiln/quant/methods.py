@@ -116,7 +116,10 @@ def _plan_args(layer: nn.Module) -> dict[str, Any]:
     plan = layer.plan
     if plan is None:
         return {}
-    return {"gemv_max_m": plan.gemv_max_m, "dequant_min_m": plan.dequant_min_m, "gemv": plan.gemv, "gemm": plan.gemm}
+    args = {"gemv_max_m": plan.gemv_max_m, "dequant_min_m": plan.dequant_min_m, "gemv": plan.gemv, "gemm": plan.gemm}
+    if layer.quant_method.bits == 4:
+        args.update(use_gemv1=plan.use_gemv1, gemv1=plan.gemv1)
+    return args
 
 
 def quant_method(cfg: QuantConfig | None) -> FullPrecision:
