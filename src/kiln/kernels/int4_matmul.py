@@ -324,16 +324,6 @@ def _nibble_as_float(words, i: tl.constexpr):
 
 
 @triton.jit
-def _group_term(acc, xsum, s_ptr, z_ptr, offs_n, n_mask, g, stride_sn, stride_sg, stride_zn, stride_zg):
-    """One group's contribution: scale * (16 * sum x (1 + q/16) - (16 + zero) * sum x), per row."""
-    sv = tl.sum(acc, axis=1)
-    sx = tl.sum(xsum, axis=0)
-    sc = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
-    z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
-    return sc * (16.0 * sv - (16.0 + z) * sx)
-
-
-@triton.jit
 def _int4_gemv1_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     N, KW, split_words,
@@ -352,41 +342,24 @@ def _int4_gemv1_kernel(
     out = tl.zeros((BLOCK_N,), dtype=tl.float32)
     w_start = pid_s * split_words
     w_end = tl.minimum(w_start + split_words, KW)
-    if GROUP_WORDS == CW:
-        # One chunk per group: the next group's words are loaded before this group's math, so two
-        # tiles per program are in flight (register double-buffering) instead of one.
-        nxt = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (w_start + offs_c)[None, :],
-                      mask=n_mask[:, None] & ((w_start + offs_c) < w_end)[None, :], other=0)
-        for g0 in range(w_start, w_end, GROUP_WORDS):
-            words = nxt
-            offs_p = g0 + GROUP_WORDS + offs_c
-            nxt = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_p[None, :],
-                          mask=n_mask[:, None] & (offs_p < w_end)[None, :], other=0)
-            offs_w = g0 + offs_c
+    for g0 in range(w_start, w_end, GROUP_WORDS):
+        g = g0 // GROUP_WORDS
+        acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
+        xsum = tl.zeros((CW,), dtype=tl.float32)
+        for c in tl.static_range(0, GROUP_WORDS, CW):
+            offs_w = g0 + c + offs_c
             w_mask = offs_w < KW
-            acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
-            xsum = tl.zeros((CW,), dtype=tl.float32)
+            words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
+                            mask=n_mask[:, None] & w_mask[None, :], other=0)
             for i in tl.static_range(8):
                 xv = tl.load(x_ptr + offs_w * 8 + i, mask=w_mask, other=0.0).to(tl.float32)
                 acc += _nibble_as_float(words, i) * xv[None, :]
                 xsum += xv
-            out += _group_term(acc, xsum, s_ptr, z_ptr, offs_n, n_mask, g0 // GROUP_WORDS,
-                               stride_sn, stride_sg, stride_zn, stride_zg)
-    else:
-        for g0 in range(w_start, w_end, GROUP_WORDS):
-            acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
-            xsum = tl.zeros((CW,), dtype=tl.float32)
-            for c in tl.static_range(0, GROUP_WORDS, CW):
-                offs_w = g0 + c + offs_c
-                w_mask = offs_w < KW
-                words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
-                                mask=n_mask[:, None] & w_mask[None, :], other=0)
-                for i in tl.static_range(8):
-                    xv = tl.load(x_ptr + offs_w * 8 + i, mask=w_mask, other=0.0).to(tl.float32)
-                    acc += _nibble_as_float(words, i) * xv[None, :]
-                    xsum += xv
-            out += _group_term(acc, xsum, s_ptr, z_ptr, offs_n, n_mask, g0 // GROUP_WORDS,
-                               stride_sn, stride_sg, stride_zn, stride_zg)
+        sv = tl.sum(acc, axis=1)
+        sx = tl.sum(xsum, axis=0)
+        sc = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
+        out += sc * (16.0 * sv - (16.0 + z) * sx)
     tl.store(out_ptr + pid_s * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
