@@ -84,7 +84,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[Sequence], torch.Tensor]:
         """Returns the sequences to sample for and their logits [num_sampled, vocab] float32."""
-        if self.graphs and all(n == 1 for _, n in batch) and len(batch) <= max(self.graphs):
+        # A graph computes one token per sequence and samples every one: each must be at its last token
+        # (a prompt chunk cut to one token by the token budget is not).
+        decode = all(n == 1 and seq.num_computed + 1 == len(seq) for seq, n in batch)
+        if self.graphs and decode and len(batch) <= max(self.graphs):
             return [seq for seq, _ in batch], self._replay(batch)
         hidden, last, to_sample = self._forward(batch)
         if not last:
