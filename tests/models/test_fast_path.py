@@ -76,3 +76,23 @@ def test_quantized_formats_through_kernels(hf_model, tmp_path, qformat, group):
     for g, w in zip(got, want, strict=True):
         scale = w.abs().max().item()
         assert (g - w).abs().max().item() <= 2e-2 * scale, f"{qformat}: Triton path differs from its reference"
+
+
+def test_decode_graph_only_for_sequences_at_their_last_token(hf_model):
+    """A one-token prompt chunk (token budget exhausted) must not go through a decode graph, which
+    samples every row; a real decode step must."""
+    from kiln.config import SamplingParams
+    from kiln.runtime.sequence import Sequence
+
+    force_triton(False)
+    llm = hf_model("llama3").llm(tokens_per_block=16)
+    replayed = []
+    llm.runner.graphs = {4: None}  # as if captured; _replay is replaced below
+    llm.runner._replay = lambda batch: replayed.append(len(batch)) or torch.zeros(len(batch), 160)
+    seq = Sequence(token_ids(3, 6), SamplingParams(max_tokens=2))
+    llm.pool.grow(seq, 8)
+    sampled, _ = llm.runner.run([(seq, 1)])  # position 0 of a 6-token prompt
+    assert replayed == [] and sampled == []
+    seq.num_computed = 5
+    sampled, logits = llm.runner.run([(seq, 1)])  # the prompt's last token: a decode-shaped step
+    assert replayed == [1] and sampled == [seq] and logits.shape == (1, 160)
