@@ -11,6 +11,7 @@ install of kiln needs no triton.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,3 +29,13 @@ def force_triton(flag: bool) -> bool:
     global _force
     old, _force = _force, flag
     return old
+
+
+@functools.cache
+def num_sms(device: torch.device | str) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 (an H100) elsewhere, so that launch heuristics run
+    the same shapes in Triton's interpreter as on the GPU they are written for."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132

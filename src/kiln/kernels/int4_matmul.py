@@ -58,11 +58,11 @@ tuned on the GPU (see each function).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from kiln.kernels import num_sms
 
 # 2.0**23 and its fp32 bit pattern: see "int -> float through the exponent" above.
 EXP23 = tl.constexpr(8388608.0)
@@ -113,19 +113,12 @@ def sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
     )
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the H100 the defaults are written for
-
-
 def auto_split_k(n_programs: int, k_blocks: int, device: torch.device) -> int:
     """Split K until a GEMV launch has about two programs per SM; 1 when its tiles alone fill the GPU.
 
     A heuristic from shapes only (CUDA-graph safe); the tuner should replace it per shape.
     """
-    sms = _num_sms(device)
+    sms = num_sms(device)
     if n_programs >= sms:
         return 1
     return max(1, min(k_blocks, 2 * sms // n_programs))

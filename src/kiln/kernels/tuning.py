@@ -56,6 +56,11 @@ class Tuning:
                    float(d.get("seconds", 0.0)))
 
 
+def layer_group(quant: QuantConfig, k: int) -> int:
+    """Columns per scale group of a layer with K inputs (fp8 and per-channel formats: all of them)."""
+    return k if quant.algo == "fp8" else (quant.group_size or k)
+
+
 def linear_key(algo: str, n: int, k: int, group: int) -> str:
     return f"{algo}:{n}x{k}:g{group}"
 
@@ -214,9 +219,7 @@ def tune(cfg: ModelConfig, quant: QuantConfig, build: BuildConfig, dtype: torch.
     table: dict[str, LinearPlan] = {}
     if quant.algo is not None:
         for n, k in linear_shapes(cfg, tp_size):
-            group = quant.group_size or k
-            if quant.algo == "fp8":
-                group = k
+            group = layer_group(quant, k)
             key = linear_key(quant.algo, n, k, group)
             table[key] = tune_linear(quant.algo, n, k, group, build.max_batch_size, dtype, device)
             log(f"tuned {key}: {table[key]}")
@@ -251,8 +254,8 @@ def apply(model: torch.nn.Module, tuning: Tuning | None) -> int:
         if not isinstance(module, LinearBase) or module.quant_config.algo is None:
             continue
         q = module.quant_config
-        group = module.in_features if q.algo == "fp8" else (q.group_size or module.in_features)
-        plan = tuning.linear.get(linear_key(q.algo, module.out_features, module.in_features, group)) if tuning else None
+        key = linear_key(q.algo, module.out_features, module.in_features, layer_group(q, module.in_features))
+        plan = tuning.linear.get(key) if tuning else None
         module.plan = plan
         count += plan is not None
     return count

@@ -104,10 +104,8 @@ class Fp8(FullPrecision):
         if use_triton(x):
             from kiln.kernels.fp8_matmul import fp8_matmul
 
-            plan = layer.plan
-            if plan is None:
-                return fp8_matmul(x, layer.weight, layer.weight_scale)
-            return fp8_matmul(x, layer.weight, layer.weight_scale, gemv_max_m=plan.gemv_max_m, gemv=plan.gemv)
+            plan = {} if layer.plan is None else {"gemv_max_m": layer.plan.gemv_max_m, "gemv": layer.plan.gemv}
+            return fp8_matmul(x, layer.weight, layer.weight_scale, **plan)
         return F.linear(fake_quantize_fp8_per_token(x), self.dequantized_weight(layer, x.dtype))
 
 

@@ -144,7 +144,9 @@ class ModelRunner:
         )
         return torch.tensor(data, dtype=torch.int64)
 
-    def _metadata(self, batch: Batch, inputs: _Inputs, num_splits: int, decode: bool | None = None) -> AttentionMetadata:
+    def _metadata(
+        self, batch: Batch, inputs: _Inputs, num_splits: int, decode: bool | None = None
+    ) -> AttentionMetadata:
         query_lens = [n for _, n in batch]
         return AttentionMetadata(
             slot_mapping=inputs.slots,
@@ -162,10 +164,11 @@ class ModelRunner:
     def _num_splits(self, num_seqs: int) -> int:
         if not self.fast:
             return 1
+        from kiln.kernels import num_sms
         from kiln.kernels.decode_attention import choose_num_splits
 
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.startswith("cuda") else 8
-        return choose_num_splits(num_seqs, self.kv_heads, self.build.max_seq_len, self.block_size, sms)
+        return choose_num_splits(num_seqs, self.kv_heads, self.build.max_seq_len, self.block_size,
+                                 num_sms(self.device))
 
     # ---- CUDA graphs ---------------------------------------------------------------------------
     @torch.inference_mode()
