@@ -207,6 +207,9 @@ class BuildConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+MAX_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request picks its tokens. temperature 0 means greedy; top_k 0 and top_p 1 are off."""
@@ -225,6 +228,11 @@ class SamplingParams:
     stop_token_ids: tuple[tuple[int, ...], ...] = ()
     # Stop strings: generation ends when the output text contains one; it is cut before it.
     stop: tuple[str, ...] = ()
+    # Token sequences that are never generated (the last token of each is banned where the text so far
+    # ends with the others).
+    bad_token_ids: tuple[tuple[int, ...], ...] = ()
+    # Log probability of each output token, and of this many most likely alternatives (None: none).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -234,6 +242,8 @@ class SamplingParams:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "more than 0"),
             ("stop", all(self.stop), "non-empty strings"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"between 0 and {MAX_LOGPROBS}"),
         ]
         for name, ok, limit in checks:
             if not ok:

@@ -73,5 +73,5 @@ def test_a_second_stream_while_one_runs_is_refused() -> None:
     with pytest.raises(KilnError, match="already generating"):
         llm.generate([[4, 5]], params)
     first.close()  # closing the stream frees its sequences
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.blocks.num_free == llm.blocks.num_blocks
     assert len(llm.generate([[4, 5]], params)[0].output_ids) == 4

@@ -51,7 +51,7 @@ def teacher_forced_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
     """Logits predicting ids[1:], [len(ids) - 1, vocab] float32 on the CPU: a prefill of PREFILL tokens,
     then one decode step per token, each fed the true next token."""
     seq = Sequence(list(ids[:PREFILL]), SamplingParams(max_tokens=len(ids) - PREFILL))
-    llm.pool.grow(seq, len(ids))
+    llm.blocks.grow(seq, len(ids))
     try:
         rows = [llm.runner.run_all_logits([(seq, PREFILL - 1)]).cpu()]
         seq.num_computed = PREFILL - 1
@@ -63,7 +63,7 @@ def teacher_forced_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
             rows.append(logits.cpu())
             seq.num_computed += 1
     finally:
-        llm.pool.free(seq)
+        llm.blocks.free(seq)
     return torch.cat(rows)
 
 

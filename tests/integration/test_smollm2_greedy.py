@@ -23,12 +23,17 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def llm(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> LLM:
+def engine_dir(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("smollm2")
     convert_hf(smollm2_hf, tmp / "ckpt", "float32")
     build_engine(tmp / "ckpt", tmp / "engine", BuildConfig(max_batch_size=3, max_input_len=64, max_seq_len=128,
                                                            max_num_tokens=256, tokens_per_block=16))
-    return LLM(tmp / "engine", smollm2_hf, device="cpu")
+    return tmp / "engine"
+
+
+@pytest.fixture(scope="module")
+def llm(engine_dir: Path, smollm2_hf: Path) -> LLM:
+    return LLM(engine_dir, smollm2_hf, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +71,35 @@ def test_chat_answer_mentions_paris(llm: LLM) -> None:
     assert "Paris" in out.text
     assert out.finish_reason == "stop"  # ended on <|im_end|>, which is not in the text
     assert "<|im_end|>" not in out.text
+
+
+# A shared 2-block prefix (32 tokens at 16 per block) and different endings.
+SHARED = "In the beginning God created the heaven and the earth. And the earth was without form, and void; " \
+         "and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters."
+ENDINGS = [" And God said,", " Then", " The next day"]
+
+
+def test_prefix_cache_hits_give_the_same_tokens(engine_dir: Path, smollm2_hf: Path) -> None:
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [SHARED + e for e in ENDINGS]
+    plain = LLM(engine_dir, smollm2_hf, device="cpu", enable_prefix_caching=False)
+    expected = [plain.generate([p], params)[0].output_ids for p in prompts]
+    cached = LLM(engine_dir, smollm2_hf, device="cpu")
+    got = [cached.generate([p], params)[0].output_ids for p in prompts]  # one by one: later ones hit
+    assert got == expected
+    shared_blocks = len(cached.encode(SHARED)) // 16
+    assert shared_blocks >= 2
+    assert cached.blocks.hit_tokens >= 2 * shared_blocks * 16
+    assert plain.blocks.hit_tokens == 0
+    assert cached.blocks.num_used == 0
+
+
+def test_preempted_requests_resume_with_the_same_tokens(engine_dir: Path, llm: LLM, smollm2_hf: Path) -> None:
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = [o.output_ids for o in llm.generate(PROMPTS, params)]
+    # 7 blocks of 16 tokens: three sequences of up to ~60 tokens cannot all hold their blocks at once.
+    tight = LLM(engine_dir, smollm2_hf, device="cpu", num_kv_blocks=7)
+    outs = tight.generate(PROMPTS, params)
+    assert tight.scheduler.num_preemptions > 0
+    assert [o.output_ids for o in outs] == expected
+    assert tight.blocks.num_used == 0

@@ -90,7 +90,7 @@ def test_decode_graph_only_for_sequences_at_their_last_token(hf_model):
     llm.runner.graphs = {4: None}  # as if captured; _replay is replaced below
     llm.runner._replay = lambda batch: replayed.append(len(batch)) or torch.zeros(len(batch), 160)
     seq = Sequence(token_ids(3, 6), SamplingParams(max_tokens=2))
-    llm.pool.grow(seq, 8)
+    llm.blocks.grow(seq, 8)
     sampled, _ = llm.runner.run([(seq, 1)])  # position 0 of a 6-token prompt
     assert replayed == [] and sampled == []
     seq.num_computed = 5

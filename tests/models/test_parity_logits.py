@@ -190,4 +190,4 @@ def test_cache_reuse_does_not_leak(hf_model):
     teacher_forced_logits(llm, [first], [10])
     (got,) = teacher_forced_logits(llm, [second], [4])
     assert_close(got, m.logits(second)[3:-1], "second request")
-    assert llm.pool.num_free == llm.pool.num_blocks
+    assert llm.blocks.num_free == llm.blocks.num_blocks

@@ -188,7 +188,7 @@ def prompt_logits(ckpt: Path, engine: Path, ids: list[int]) -> torch.Tensor:
     build_engine(ckpt, engine, LIMITS, "cpu")
     llm = LLM(engine, device="cpu")
     seq = Sequence(list(ids), SamplingParams(max_tokens=1))
-    llm.pool.grow(seq, len(ids))
+    llm.blocks.grow(seq, len(ids))
     return llm.runner.run_all_logits([(seq, len(ids))])  # [tokens, vocab]
 
 

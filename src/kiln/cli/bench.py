@@ -1,4 +1,5 @@
-"""kiln bench latency: TTFT, time per output token, tokens/s and achieved GB/s against the floor."""
+"""kiln bench: latency (one batch: TTFT, time per output token, GB/s against the floor), throughput (many
+requests batched in flight, as trtllm-bench measures it) and serve (load on a running `kiln serve`)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,21 @@ import argparse
 import gc
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kiln.cli.options import positive_int
+from kiln.cli.options import non_negative_float, positive_int, seed_int
 from kiln.config import DTYPES, QFORMATS
+
+if TYPE_CHECKING:
+    from kiln.runtime.engine import LLM
+
+SYNTHETIC_NAMES = "mistral-7b-v0.3, llama-3.1-8b, mistral-nemo-12b, smollm2-135m"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks: latency", description="Measure an engine, or a synthetic "
-                       "model of a real model's shapes with random weights built on the device.")
+    p = sub.add_parser("bench", help="benchmarks: latency, throughput, serve",
+                       description="Measure an engine, a synthetic model of a real model's shapes with "
+                       "random weights built on the device, or a running `kiln serve`.")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     lat = kinds.add_parser("latency", help="one batch: TTFT, time per output token, GB/s vs the floor")
     src = lat.add_mutually_exclusive_group(required=True)
@@ -32,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--no_cuda_graphs", action="store_true", help="run decode steps eagerly (for comparison)")
     lat.add_argument("--output_json", help="write the figures as JSON")
     lat.set_defaults(func=main)
+    add_throughput_parser(kinds)
+    add_serve_parser(kinds)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -80,4 +90,191 @@ def main(args: argparse.Namespace) -> int:
         if hf is not None:
             data.update(hf_ttft_s=hf.ttft_s, hf_tpot_s=hf.tpot_s)
         write_atomic(Path(args.output_json), json.dumps(data, indent=2) + "\n")
+    return 0
+
+
+# ---- kiln bench throughput -------------------------------------------------------------------------
+
+def add_throughput_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "throughput", help="many requests batched in flight: tokens/s, requests/s, TTFT and per-token times",
+        description="Offline throughput as trtllm-bench measures it: --num_requests prompts of random token "
+        "ids, end-of-sequence ignored (every request produces its full output length), all submitted at "
+        "once and batched in flight. A short warm-up runs first and is not counted.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--engine_dir", help="an engine folder (its build limits must hold the drawn lengths)")
+    src.add_argument("--synthetic", help=f"a model shape: {SYNTHETIC_NAMES}")
+    p.add_argument("--qformat", default="full_prec", choices=QFORMATS, help="with --synthetic: weight format")
+    p.add_argument("--group_size", type=int, default=128, choices=(0, 32, 64, 128),
+                   help="with --synthetic int4/int8: group size (0: per channel; default 128)")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="with --synthetic: activation dtype")
+    p.add_argument("--num_requests", type=positive_int, required=True, help="how many requests")
+    p.add_argument("--input_len", type=positive_int, required=True,
+                   help="prompt tokens (the mean when drawn)")
+    p.add_argument("--output_len", type=positive_int, required=True,
+                   help="output tokens (the mean when drawn)")
+    p.add_argument("--input_len_dist", default="fixed", choices=("fixed", "uniform", "normal"),
+                   help="prompt lengths: fixed, uniform in [L*(1-r), L*(1+r)], or normal with standard "
+                   "deviation L*r, clipped to >= 1 (r: --len_range; default fixed)")
+    p.add_argument("--output_len_dist", default="fixed", choices=("fixed", "uniform", "normal"),
+                   help="output lengths, drawn the same way (default fixed)")
+    p.add_argument("--len_range", type=non_negative_float, default=0.2,
+                   help="r of the length distributions (default 0.2: +-20%%)")
+    p.add_argument("--max_batch_size", type=positive_int, default=None,
+                   help="with --synthetic: most requests in flight (default 256)")
+    p.add_argument("--max_num_tokens", type=positive_int, default=None,
+                   help="with --synthetic: most tokens per step; longer prompts are prefilled in chunks "
+                   "(default 8192)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the prompts and lengths (default 0)")
+    p.add_argument("--output_json", help="write the figures as JSON")
+    p.set_defaults(func=throughput_main)
+
+
+def throughput_main(args: argparse.Namespace) -> int:
+    import torch
+
+    from kiln.bench.lengths import describe_lengths, draw_lengths
+    from kiln.bench.throughput import measure_throughput, random_prompts
+    from kiln.builder.device import default_device
+    from kiln.errors import KilnError
+
+    device = args.device or default_device()
+    input_lens = draw_lengths(args.num_requests, args.input_len, args.input_len_dist, args.len_range,
+                              args.seed, "--input_len")
+    output_lens = draw_lengths(args.num_requests, args.output_len, args.output_len_dist, args.len_range,
+                               args.seed, "--output_len")
+    try:
+        if args.synthetic:
+            llm, what = _synthetic_llm(args, device, input_lens, output_lens)
+        else:
+            llm, what = _engine_llm(args, device, input_lens, output_lens)
+        prompts = random_prompts(input_lens, llm.config.model.vocab_size, args.seed)
+        result = measure_throughput(llm, prompts, output_lens)
+    except torch.OutOfMemoryError:
+        raise KilnError(
+            f"out of device memory on {device}, with requests of up to "
+            f"{max(i + o for i, o in zip(input_lens, output_lens))} tokens: lower --max_batch_size or "
+            "--max_num_tokens (with --engine_dir: rebuild the engine with smaller limits), shorten "
+            "--input_len/--output_len, or choose a smaller --synthetic model or --qformat"
+        ) from None
+    build = llm.config.build
+    print(f"kiln bench throughput: {what} on {llm.config.device.get('name')}")
+    print(f"  max_batch_size {build.max_batch_size}, max_num_tokens {build.max_num_tokens}; input_len "
+          f"{describe_lengths(args.input_len, args.input_len_dist, args.len_range)}, output_len "
+          f"{describe_lengths(args.output_len, args.output_len_dist, args.len_range)}, seed {args.seed}")
+    for line in result.lines():
+        print("  " + line)
+    if args.output_json:
+        from kiln.fsutil import write_atomic
+
+        settings = dict(what=what, device=llm.config.device.get("name"), max_batch_size=build.max_batch_size,
+                        max_num_tokens=build.max_num_tokens, input_len=args.input_len,
+                        output_len=args.output_len, input_len_dist=args.input_len_dist,
+                        output_len_dist=args.output_len_dist, len_range=args.len_range, seed=args.seed)
+        write_atomic(Path(args.output_json), result.to_json(**settings))
+    return 0
+
+
+def _synthetic_llm(args: argparse.Namespace, device: str, input_lens: list[int],
+                   output_lens: list[int]) -> tuple[LLM, str]:
+    """A random-weight model of the shape --synthetic names, built for the drawn lengths."""
+    from kiln.bench.synthetic import synthetic_model
+    from kiln.bench.throughput import build_for
+    from kiln.quant.methods import QuantConfig
+    from kiln.runtime.engine import LLM
+
+    build = build_for(input_lens, output_lens, args.max_batch_size or 256, args.max_num_tokens or 8192)
+    quant = None if args.qformat == "full_prec" else QuantConfig(
+        args.qformat, 0 if args.qformat == "fp8" else args.group_size)
+    model, cfg = synthetic_model(args.synthetic, build, device, args.dtype, quant)
+    llm = LLM.from_model(model, cfg, device)
+    return llm, f"synthetic {args.synthetic}, {args.qformat}, {args.dtype}"
+
+
+def _engine_llm(args: argparse.Namespace, device: str, input_lens: list[int],
+                output_lens: list[int]) -> tuple[LLM, str]:
+    """The engine in --engine_dir, after checking that the drawn lengths fit its build limits."""
+    from kiln.bench.throughput import check_fits
+    from kiln.builder.engine_file import load_engine_config
+    from kiln.errors import KilnError
+    from kiln.runtime.engine import LLM
+
+    given = [f"--{k}" for k in ("max_batch_size", "max_num_tokens") if getattr(args, k) is not None]
+    if given:
+        verb = "apply" if len(given) > 1 else "applies"
+        raise KilnError(f"{' and '.join(given)} only {verb} with --synthetic: an engine's limits are fixed "
+                        "when it is built; rebuild it with `kiln build` to change them")
+    check_fits(load_engine_config(args.engine_dir).build, input_lens, output_lens)  # before loading weights
+    llm = LLM(args.engine_dir, None, device=device)
+    return llm, f"engine {args.engine_dir}"
+
+
+# ---- kiln bench serve ------------------------------------------------------------------------------
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is invalid: it must be more than 0")
+    return value
+
+
+def add_serve_parser(kinds: argparse._SubParsersAction) -> None:
+    p = kinds.add_parser(
+        "serve", help="load on a running `kiln serve`: requests/s, TTFT and inter-chunk latency over HTTP",
+        description="A load generator for a running `kiln serve`: streaming requests at a fixed concurrency "
+        "or as Poisson arrivals at a request rate, timed on the client. Prompts are random words from a "
+        "fixed list of common English words, each about one token, so --input_len words are about "
+        "--input_len tokens. Failed requests are counted by HTTP status (the first body of each is shown).")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="the server (default http://127.0.0.1:8000)")
+    p.add_argument("--protocol", default="openai", choices=("openai", "kserve"),
+                   help="openai: POST /v1/completions; kserve: POST /v2/models/NAME/generate_stream "
+                   "(default openai)")
+    p.add_argument("--model", help="model name (default: the first one GET /v1/models lists)")
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--concurrency", type=positive_int,
+                      help="C workers, each sending one request after another")
+    load.add_argument("--request_rate", type=positive_float,
+                      help="R requests/s arriving as a Poisson process (exponential gaps), with no limit on "
+                      "how many are in flight")
+    p.add_argument("--num_requests", type=positive_int, required=True, help="how many requests")
+    p.add_argument("--input_len", type=positive_int, required=True,
+                   help="prompt length in words (approximate tokens: the words are about one token each)")
+    p.add_argument("--output_len", type=positive_int, required=True,
+                   help="max_tokens of each request (end-of-sequence ignored where the protocol allows)")
+    p.add_argument("--api_key", help="sent as `Authorization: Bearer KEY`")
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help="seed of the prompts and arrival times (default 0)")
+    p.add_argument("--timeout", type=positive_float, default=300.0,
+                   help="seconds a request may wait for the server (to connect, or between chunks) before "
+                   "it counts as failed (default 300)")
+    p.add_argument("--output_json", help="write the figures as JSON")
+    p.set_defaults(func=serve_main)
+
+
+def serve_main(args: argparse.Namespace) -> int:
+    from kiln.bench.serve_load import make_prompts, run_load_sync
+    from kiln.errors import KilnError
+
+    prompts = make_prompts(args.num_requests, args.input_len, args.seed)
+    result, model = run_load_sync(args.url, args.protocol, prompts, args.output_len, model=args.model,
+                                  concurrency=args.concurrency, request_rate=args.request_rate,
+                                  api_key=args.api_key, seed=args.seed, timeout_s=args.timeout)
+    load = (f"concurrency {args.concurrency}" if args.concurrency is not None
+            else f"Poisson arrivals at {args.request_rate:g} requests/s")
+    print(f"kiln bench serve: {args.protocol} at {args.url}, model {model}, {load}")
+    print(f"  prompts of {args.input_len} words, max_tokens {args.output_len}, seed {args.seed}")
+    for line in result.lines():
+        print("  " + line)
+    if args.output_json:
+        from kiln.fsutil import write_atomic
+
+        settings = dict(url=args.url, protocol=args.protocol, model=model, concurrency=args.concurrency,
+                        request_rate=args.request_rate, input_len_words=args.input_len,
+                        output_len=args.output_len, seed=args.seed)
+        write_atomic(Path(args.output_json), result.to_json(**settings))
+    if result.completed == 0:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(result.failures.items()))
+        raise KilnError(f"every request failed ({counts}); the first error of each kind is shown above")
     return 0

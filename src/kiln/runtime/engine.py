@@ -23,8 +23,9 @@ from kiln.builder.engine_file import EngineConfig
 from kiln.config import SamplingParams
 from kiln.errors import KilnError, LimitError
 from kiln.models.llama import LlamaForCausalLM
-from kiln.runtime.kv_cache import BlockPool
+from kiln.runtime.kv_cache import BlockManager
 from kiln.runtime.loader import load_engine
+from kiln.runtime.memory import num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.sampler import sample
 from kiln.runtime.scheduler import Scheduler
@@ -63,36 +64,44 @@ class LLM:
         device: str | None = None,
         num_kv_blocks: int | None = None,
         cuda_graphs: bool = True,
+        kv_cache_free_gpu_memory_fraction: float | None = None,
+        max_tokens_in_paged_kv_cache: int | None = None,
+        enable_prefix_caching: bool = True,
     ):
         device = device or default_device()
         model, config = load_engine(engine_dir, device)
         tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-        self._setup(model, config, device, tokenizer, num_kv_blocks, cuda_graphs)
+        self._setup(model, config, device, tokenizer, num_kv_blocks, cuda_graphs,
+                    kv_cache_free_gpu_memory_fraction, max_tokens_in_paged_kv_cache, enable_prefix_caching)
 
     @classmethod
     def from_model(
         cls, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any = None,
         num_kv_blocks: int | None = None, cuda_graphs: bool = True,
+        kv_cache_free_gpu_memory_fraction: float | None = None, max_tokens_in_paged_kv_cache: int | None = None,
+        enable_prefix_caching: bool = True,
     ) -> LLM:
         """An LLM around a model already in memory (synthetic benchmark models, tests)."""
         llm = cls.__new__(cls)
-        llm._setup(model, config, device, tokenizer, num_kv_blocks, cuda_graphs)
+        llm._setup(model, config, device, tokenizer, num_kv_blocks, cuda_graphs,
+                   kv_cache_free_gpu_memory_fraction, max_tokens_in_paged_kv_cache, enable_prefix_caching)
         return llm
 
     def _setup(
         self, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any,
-        num_kv_blocks: int | None, cuda_graphs: bool,
+        blocks: int | None, cuda_graphs: bool, fraction: float | None, max_tokens: int | None,
+        prefix_caching: bool,
     ) -> None:
         self.device, self.model, self.config, self.tokenizer = device, model, config, tokenizer
         build = config.build
-        blocks = num_kv_blocks or build.max_batch_size * -(-build.max_seq_len // build.tokens_per_block)
-        self.pool = BlockPool(blocks, build.tokens_per_block)
         if device.startswith("cuda"):  # before the CUDA graphs are captured: they keep the kernel choices
             from kiln.kernels.tuning import for_engine
 
             for_engine(model, config, device)
+        blocks = blocks or num_kv_blocks(config, device, fraction, max_tokens)
+        self.blocks = BlockManager(blocks, build.tokens_per_block, prefix_caching)
         self.runner = ModelRunner(model, config, device, blocks, cuda_graphs)
-        self.scheduler = Scheduler(build, self.pool)
+        self.scheduler = Scheduler(build, self.blocks)
 
     # ---- requests --------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -124,6 +133,12 @@ class LLM:
                 f"{len(ids) + params.max_tokens} tokens is more than the engine's max_seq_len "
                 f"{build.max_seq_len}: ask for at most {build.max_seq_len - len(ids)} output tokens "
                 "or rebuild with a larger --max_seq_len"
+            )
+        if self.blocks.blocks_for(len(ids) + params.max_tokens) > self.blocks.num_blocks:
+            raise LimitError(
+                f"prompt ({len(ids)} tokens) + max output ({params.max_tokens}) needs more than the "
+                f"{self.blocks.num_blocks * build.tokens_per_block} tokens the KV cache holds: ask for "
+                "fewer tokens or give the cache more memory"
             )
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -176,6 +191,7 @@ class LLM:
     def step(self) -> list[tuple[Sequence, list[int]]]:
         """Run one scheduler step; returns (sequence, its new token ids) for those that got one."""
         batch = self.scheduler.schedule()
+        self.last_step_tokens = sum(n for _, n in batch)
         if not batch:
             raise RuntimeError("no sequence could be scheduled: the KV cache is too small for a request")
         to_sample, logits = self.runner.run(batch)

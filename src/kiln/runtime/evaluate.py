@@ -19,7 +19,9 @@ def window_nll(llm: LLM, ids: list[int]) -> tuple[float, int]:
         raise LimitError(f"an evaluation window of {len(ids)} tokens is longer than the engine's "
                          f"max_seq_len {limit}: use shorter windows or rebuild with a larger --max_seq_len")
     seq = Sequence(list(ids), SamplingParams(max_tokens=1))
-    llm.pool.grow(seq, len(ids))
+    if not llm.blocks.grow(seq, len(ids)):
+        raise LimitError(f"an evaluation window of {len(ids)} tokens does not fit the KV cache "
+                         f"({llm.blocks.num_free} free blocks of {llm.blocks.block_size} tokens)")
     total = 0.0
     try:
         while seq.num_computed < len(ids) - 1:
@@ -30,7 +32,7 @@ def window_nll(llm: LLM, ids: list[int]) -> tuple[float, int]:
             total += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
             seq.num_computed += n
     finally:
-        llm.pool.free(seq)
+        llm.blocks.free(seq)
     return total, len(ids) - 1
 
 

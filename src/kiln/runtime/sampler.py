@@ -1,8 +1,10 @@
 """Token selection with every option per sequence: penalties, temperature, top-k, top-p, seeds.
 
-Order (as Hugging Face and TensorRT-LLM apply them): repetition penalty over prompt and output,
-presence and frequency penalties over the output, then greedy argmax, or temperature, top-k, top-p
-and a draw from the sequence's own generator (so a seed reproduces a request whatever it is batched with).
+Order (as Hugging Face and TensorRT-LLM apply them): bad words, repetition penalty over prompt and
+output, presence and frequency penalties over the output, then greedy argmax, or temperature, top-k,
+top-p and a draw from the sequence's own generator (so a seed reproduces a request whatever it is
+batched with). Log probabilities, when asked for, are those of the model's own distribution, before
+any of these.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits: [num_seqs, vocab] float32, modified in place and returned."""
     for row, seq in enumerate(seqs):
         p = seq.params
+        for bad in p.bad_token_ids:
+            if bad and (len(bad) == 1 or seq.all_ids[-(len(bad) - 1) :] == list(bad[:-1])):
+                logits[row, bad[-1]] = float("-inf")
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(seq.all_ids)), dtype=torch.int64, device=logits.device)
             vals = logits[row, seen]
@@ -44,6 +49,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [num_seqs, vocab] float32 -> one token id per sequence."""
     if not seqs:
         return []
+    want = [row for row, seq in enumerate(seqs) if seq.params.logprobs is not None]
+    logp = torch.log_softmax(logits[want], dim=-1) if want else None  # before the penalties edit logits
     logits = apply_penalties(logits, seqs)
     greedy = logits.argmax(dim=-1).tolist()
     tokens = []
@@ -55,4 +62,17 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         row_logits = filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row_logits, dim=-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator).item()))
+    for j, row in enumerate(want):
+        record_logprobs(seqs[row], logp[j], tokens[row])
     return tokens
+
+
+def record_logprobs(seq: Sequence, logp: torch.Tensor, token: int) -> None:
+    """logp: [vocab] log probabilities; appends the chosen token's and the top alternatives'."""
+    seq.logprobs.append(float(logp[token]))
+    k = seq.params.logprobs or 0
+    if k:
+        values, ids = torch.topk(logp, k)
+        seq.top_logprobs.append(dict(zip(ids.tolist(), values.tolist())))
+    else:
+        seq.top_logprobs.append({})

@@ -2,8 +2,12 @@
 
 Every step first continues the running sequences (a decode is one token, an unfinished prompt the
 next chunk of it), then admits waiting ones while there is room: at most `max_batch_size` running
-sequences and `max_num_tokens` tokens per step, so long prompts are prefilled in chunks. A sequence
-is admitted only when the pool can hold its prompt plus max_tokens, so it never runs out of blocks.
+sequences and `max_num_tokens` tokens per step, so long prompts are prefilled in chunks alongside the
+decodes. Blocks are taken as sequences grow. A new sequence first takes the cached blocks of its
+longest known prefix (those tokens are not computed again). When a running sequence needs a block
+and none is free, the most recently admitted sequence is preempted: its blocks go back (its full
+blocks stay in the prefix cache), it returns to the front of the queue, and later resumes by
+recomputing prompt and output so far, so nothing is dropped and greedy output is unchanged.
 """
 
 from __future__ import annotations
@@ -11,18 +15,19 @@ from __future__ import annotations
 from collections import deque
 
 from kiln.config import BuildConfig
-from kiln.runtime.kv_cache import BlockPool
+from kiln.runtime.kv_cache import BlockManager
 from kiln.runtime.sequence import Sequence, Status
 
 Batch = list[tuple[Sequence, int]]  # (sequence, number of its tokens computed in this step)
 
 
 class Scheduler:
-    def __init__(self, build: BuildConfig, pool: BlockPool):
+    def __init__(self, build: BuildConfig, blocks: BlockManager):
         self.build = build
-        self.pool = pool
+        self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -33,21 +38,29 @@ class Scheduler:
     def schedule(self) -> Batch:
         budget = self.build.max_num_tokens
         batch: Batch = []
-        for seq in self.running:
-            if budget == 0:
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0 or seq.status is not Status.RUNNING:  # out of budget, or preempted just now
                 break
             n = min(len(seq) - seq.num_computed, budget)
-            batch.append((seq, n))
-            budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.build.max_batch_size:
+            while not self.blocks.grow(seq, seq.num_computed + n):
+                self._preempt(self.running[-1])
+                preempted = True
+                if seq.status is not Status.RUNNING:
+                    break
+            else:
+                batch.append((seq, n))
+                budget -= n
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.build.max_batch_size:
             seq = self.waiting[0]
-            if not self.pool.can_allocate(seq.max_len):
+            seq.cached_tokens = self.blocks.match_prefix(seq)
+            n = min(len(seq) - seq.num_computed, budget)
+            if not self.blocks.grow(seq, seq.num_computed + n):
+                self._release(seq)
                 break
             self.waiting.popleft()
-            self.pool.grow(seq, seq.max_len)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(len(seq) - seq.num_computed, budget)
             batch.append((seq, n))
             budget -= n
         return batch
@@ -60,7 +73,10 @@ class Scheduler:
         """
         advanced = []
         for seq, n in batch:
+            if seq.finished:  # cancelled while its step ran
+                continue
             seq.num_computed += n
+            self.blocks.commit(seq)
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue
@@ -81,7 +97,20 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.pool.free(seq)
+        self.blocks.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Give the blocks back; the sequence will be computed again from its first uncached token."""
+        self.blocks.free(seq)
+        seq.num_computed = 0
 
 
 def stop_reason(seq: Sequence, max_seq_len: int) -> str | None:

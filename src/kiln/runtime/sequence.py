@@ -15,7 +15,7 @@ _ids = itertools.count()
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"  # new, or preempted: its blocks were taken back and it will be recomputed
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -28,12 +28,18 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys and values are in the cache
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # names of the leading full computed blocks
     status: Status = Status.WAITING
     finish_reason: str | None = None  # "stop" (end id / stop sequence) or "length"
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     finish_time: float | None = None
+    num_preemptions: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at (last) admission
+    # per output token: its log probability and the top alternatives (only when params.logprobs is set)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
 
     @property
     def all_ids(self) -> list[int]:
