@@ -160,7 +160,10 @@ def measure_throughput(llm: LLM, prompts: list[list[int]], output_lens: list[int
     warm = SamplingParams(max_tokens=min(WARMUP_TOKENS, *output_lens), temperature=0, ignore_eos=True)
     vocab = llm.config.model.vocab_size
     # other ids than the measured prompts', so that the prefix cache has nothing of theirs
-    llm.generate([[(t + 1) % vocab for t in p] for p in prompts[:WARMUP_REQUESTS]], warm)
+    # A full batch of the measured prompt lengths: its prefill is chunked and mixed with decodes, so every
+    # kernel variant the run meets is compiled here (a first compile takes seconds).
+    count = min(len(prompts), max(WARMUP_REQUESTS, llm.config.build.max_batch_size))
+    llm.generate([[(t + 1) % vocab for t in p] for p in prompts[:count]], warm)
     _sync(llm.device)
     times: list[list[float]] = [[] for _ in prompts]
     outputs: dict[int, RequestOutput] = {}

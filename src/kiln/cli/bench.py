@@ -121,7 +121,7 @@ def add_throughput_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--len_range", type=non_negative_float, default=0.2,
                    help="r of the length distributions (default 0.2: +-20%%)")
     p.add_argument("--max_batch_size", type=positive_int, default=None,
-                   help="with --synthetic: most requests in flight (default 256)")
+                   help="with --synthetic: most requests in flight (default 512)")
     p.add_argument("--max_num_tokens", type=positive_int, default=None,
                    help="with --synthetic: most tokens per step; longer prompts are prefilled in chunks "
                    "(default 8192)")
@@ -163,6 +163,9 @@ def throughput_main(args: argparse.Namespace) -> int:
     print(f"  max_batch_size {build.max_batch_size}, max_num_tokens {build.max_num_tokens}; input_len "
           f"{describe_lengths(args.input_len, args.input_len_dist, args.len_range)}, output_len "
           f"{describe_lengths(args.output_len, args.output_len_dist, args.len_range)}, seed {args.seed}")
+    blocks = llm.blocks
+    print(f"  KV cache {blocks.num_blocks} blocks of {blocks.block_size} tokens; "
+          f"{llm.scheduler.num_preemptions} preemptions")
     for line in result.lines():
         print("  " + line)
     if args.output_json:
@@ -171,7 +174,9 @@ def throughput_main(args: argparse.Namespace) -> int:
         settings = dict(what=what, device=llm.config.device.get("name"), max_batch_size=build.max_batch_size,
                         max_num_tokens=build.max_num_tokens, input_len=args.input_len,
                         output_len=args.output_len, input_len_dist=args.input_len_dist,
-                        output_len_dist=args.output_len_dist, len_range=args.len_range, seed=args.seed)
+                        output_len_dist=args.output_len_dist, len_range=args.len_range, seed=args.seed,
+                        kv_blocks=blocks.num_blocks, tokens_per_block=blocks.block_size,
+                        preemptions=llm.scheduler.num_preemptions)
         write_atomic(Path(args.output_json), result.to_json(**settings))
     return 0
 
@@ -184,7 +189,7 @@ def _synthetic_llm(args: argparse.Namespace, device: str, input_lens: list[int],
     from kiln.quant.methods import QuantConfig
     from kiln.runtime.engine import LLM
 
-    build = build_for(input_lens, output_lens, args.max_batch_size or 256, args.max_num_tokens or 8192)
+    build = build_for(input_lens, output_lens, args.max_batch_size or 512, args.max_num_tokens or 8192)
     quant = None if args.qformat == "full_prec" else QuantConfig(
         args.qformat, 0 if args.qformat == "fp8" else args.group_size)
     model, cfg = synthetic_model(args.synthetic, build, device, args.dtype, quant)

@@ -15,7 +15,7 @@ from kiln.checkpoint.format import torch_dtype
 from kiln.errors import KilnError
 
 DEFAULT_GPU_FRACTION = 0.9
-_WORKSPACE_BYTES = 1 << 30  # cuBLAS workspaces, CUDA graph pools, allocator slack
+_WORKSPACE_BYTES = 2 << 30  # cuBLAS workspaces, CUDA graph pools, allocator slack
 
 
 def block_bytes(cfg: EngineConfig) -> int:
