@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kiln.bench.latency import measure_latency
 from kiln.bench.synthetic import SHAPES, synthetic_model
-from kiln.config import BuildConfig
+from kiln.config import BuildConfig, SamplingParams
 from kiln.errors import KilnError
 from kiln.quant.methods import QuantConfig
 from kiln.runtime.engine import LLM
@@ -75,3 +76,17 @@ def test_a_second_stream_while_one_runs_is_refused() -> None:
     first.close()  # closing the stream frees its sequences
     assert llm.blocks.num_free == llm.blocks.num_blocks
     assert len(llm.generate([[4, 5]], params)[0].output_ids) == 4
+
+
+def test_synthetic_model_keeps_its_rotary_tables_and_gives_finite_logits() -> None:
+    from kiln.layers.rotary import RotaryEmbedding
+
+    build = BuildConfig(max_batch_size=1, max_input_len=8, max_seq_len=16)
+    model, cfg = synthetic_model("smollm2-135m", build, "cpu", "float32")
+    expected = RotaryEmbedding(cfg.model.head_dim, cfg.model.rope, 16, "cpu")
+    assert torch.equal(model.model.rotary.cos, expected.cos) and torch.equal(model.model.rotary.sin, expected.sin)
+    llm = LLM.from_model(model, cfg, "cpu")
+    seq = llm.make_sequence([1, 2, 3], SamplingParams(max_tokens=1))
+    assert llm.blocks.grow(seq, 3)
+    logits = llm.runner.run_all_logits([(seq, 3)])
+    assert torch.isfinite(logits).all()

@@ -38,7 +38,10 @@ def synthetic_model(
     cfg = SHAPES[name]
     torch_dtype = getattr(torch, dtype)
     model = create_model(cfg, build.max_seq_len, device, quant=quant, dtype=torch_dtype)
-    model.to_empty(device=device)
+    tables = {n: b.clone() for n, b in model.named_buffers()}  # rotary tables: real, already on the device
+    model.to_empty(device=device)  # (which leaves every tensor uninitialized, buffers too)
+    for n, b in model.named_buffers():
+        b.copy_(tables[n])
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -61,3 +64,20 @@ def _fill(name: str, p: torch.Tensor, gen: torch.Generator) -> None:
         p.copy_(torch.rand(p.shape, generator=gen, device=p.device) * 0.002 + 0.001)
     else:
         p.copy_((torch.randn(p.shape, generator=gen, device=p.device) * 0.02).to(p.dtype))
+
+
+def synthetic_tokenizer(vocab_size: int, words: tuple[str, ...] = ()) -> object:
+    """A word-level tokenizer of `vocab_size` tokens for a synthetic model, so that text requests (a
+    server under load) work without a real model's tokenizer: `words` first, then filler tokens
+    `t<id>`; one token per whitespace-separated word; id 0 is the unknown word, 1 the end of text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names = ["<unk>", "</s>"] + [w for w in dict.fromkeys(words) if w not in ("<unk>", "</s>")]
+    if len(names) > vocab_size:
+        raise KilnError(f"{len(names)} words do not fit a vocabulary of {vocab_size}")
+    names += [f"t{i}" for i in range(len(names), vocab_size)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
