@@ -7,9 +7,10 @@ out="${OUT:-out}"
 mkdir -p "$out"
 export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 model="${MODEL:-llama-3.1-8b}" n="${NUM_REQUESTS:-1000}" c="${CONCURRENCY:-64}"
-python3 -m kiln bench throughput --synthetic "$model" --num_requests "$n" --input_len 128 --output_len 128 \
-  --max_batch_size "$c" --output_json "$out/offline_b$c.json" 2>&1 | tee "$out/serve_bench.log"
-python3 benchmarks/serve_synthetic.py --synthetic "$model" --max_batch_size "$c" --port 8123 >"$out/server.log" 2>&1 &
+[ "${SKIP_OFFLINE:-0}" = 1 ] || python3 -m kiln bench throughput --synthetic "$model" --num_requests "$n" \
+  --input_len 128 --output_len 128 --max_batch_size "$c" --output_json "$out/offline_b$c.json" 2>&1 \
+  | tee "$out/serve_bench.log"
+python3 benchmarks/serve_synthetic.py --synthetic "$model" --max_batch_size "$c" --port 8123 ${SWITCH:+--switch_interval $SWITCH} >"$out/server.log" 2>&1 &
 server=$!
 for _ in $(seq 240); do
   curl -sf http://127.0.0.1:8123/v2/health/ready >/dev/null && break
@@ -18,7 +19,7 @@ done
 # warm-up: compile every kernel variant outside the measured run
 python3 -m kiln bench serve --url http://127.0.0.1:8123 --concurrency "$c" --num_requests "$((2 * c))" \
   --input_len 128 --output_len 16 >/dev/null 2>&1
-for proto in openai kserve; do
+for proto in ${PROTOCOLS:-openai kserve}; do
   python3 -m kiln bench serve --url http://127.0.0.1:8123 --protocol "$proto" --concurrency "$c" \
     --num_requests "$n" --input_len 128 --output_len 128 --output_json "$out/served_${proto}_c$c.json" 2>&1 \
     | tee -a "$out/serve_bench.log"

@@ -33,7 +33,12 @@ def main() -> None:
     ap.add_argument("--max_seq_len", type=int, default=2048)
     ap.add_argument("--max_num_tokens", type=int, default=8192)
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--switch_interval", type=float, default=None, help="sys.setswitchinterval (seconds)")
     args = ap.parse_args()
+    if args.switch_interval:
+        import sys
+
+        sys.setswitchinterval(args.switch_interval)
     device = default_device()
     build = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                         max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens)

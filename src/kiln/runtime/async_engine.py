@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,11 @@ from kiln.runtime.sequence import Sequence
 from kiln.runtime.tokenizer import TextStream
 
 log = logging.getLogger("kiln.engine")
+
+# How long a thread may hold the GIL while another waits for it. Python's default, 5 ms, is most of a
+# decode step: the engine thread would wait behind the event loop's HTTP work after every step
+# (measured on an H100 at 64 streams: 3,530 output tokens/s at 5 ms, 5,078 at 0.2 ms).
+GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass
@@ -79,6 +85,7 @@ class EngineDead(RuntimeError):
 
 class AsyncLLM:
     def __init__(self, llm: LLM):
+        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         self.llm = llm
         self.stats = EngineStats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
