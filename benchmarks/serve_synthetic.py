@@ -14,12 +14,13 @@ import argparse
 import uvicorn
 
 from kiln.bench.serve_load import WORDS
-from kiln.bench.synthetic import synthetic_model, synthetic_tokenizer
+from kiln.bench.synthetic import SHAPES, synthetic_model, synthetic_tokenizer
 from kiln.builder.device import default_device
 from kiln.config import BuildConfig
 from kiln.quant.methods import QuantConfig
 from kiln.runtime.async_engine import AsyncLLM
 from kiln.runtime.engine import LLM
+from kiln.runtime.engine_process import EngineSpec, ProcessAsyncLLM
 from kiln.serve.app import create_app
 
 
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--max_num_tokens", type=int, default=8192)
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--switch_interval", type=float, default=None, help="sys.setswitchinterval (seconds)")
+    ap.add_argument("--engine_thread", action="store_true", help="run the engine in a thread of the server's "
+                    "process instead of a process of its own")
     args = ap.parse_args()
     if args.switch_interval:
         import sys
@@ -43,10 +46,14 @@ def main() -> None:
     build = BuildConfig(max_batch_size=args.max_batch_size, max_input_len=args.max_input_len,
                         max_seq_len=args.max_seq_len, max_num_tokens=args.max_num_tokens)
     quant = None if args.qformat == "full_prec" else QuantConfig(args.qformat, 0 if args.qformat == "fp8" else 128)
-    model, cfg = synthetic_model(args.synthetic, build, device, args.dtype, quant)
-    tokenizer = synthetic_tokenizer(cfg.model.vocab_size, WORDS)
-    llm = LLM.from_model(model, cfg, device, tokenizer=tokenizer)
-    engine = AsyncLLM(llm)
+    vocab = SHAPES[args.synthetic].vocab_size
+    tokenizer = synthetic_tokenizer(vocab, WORDS)
+    if args.engine_thread:
+        model, cfg = synthetic_model(args.synthetic, build, device, args.dtype, quant)
+        engine = AsyncLLM(LLM.from_model(model, cfg, device, tokenizer=tokenizer))
+    else:
+        spec = EngineSpec(device, synthetic=args.synthetic, build=build, qformat=args.qformat, dtype=args.dtype)
+        engine = ProcessAsyncLLM(spec, tokenizer=tokenizer)
     app = create_app(engine, args.synthetic)
     try:
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")

@@ -45,6 +45,7 @@ class TokenEvent:
     finished: bool
     finish_reason: str | None
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache held at admission
 
 
 @dataclass
@@ -130,7 +131,7 @@ class AsyncLLM:
                 if text is not None and text.stop_hit and not event.finished:
                     self.abort(stream)
                     out.finished, out.finish_reason = True, "stop"
-                out.cached_tokens = seq.cached_tokens
+                out.cached_tokens = event.cached_tokens
                 yield out
                 if out.finished:
                     stream.done = True
@@ -203,7 +204,7 @@ class AsyncLLM:
             n = len(new_ids)
             event = TokenEvent(list(new_ids), seq.logprobs[-n:] if seq.logprobs else [],
                                seq.top_logprobs[-n:] if seq.top_logprobs else [], seq.finished,
-                               seq.finish_reason)
+                               seq.finish_reason, cached_tokens=seq.cached_tokens)
             deliveries.append((stream, event))
             if seq.finished:
                 del self._streams[seq.seq_id]
