@@ -198,6 +198,8 @@ def _child_main(spec: EngineSpec, down: Any, up: Any) -> None:
     up.send(("ready", (llm.config, llm.blocks.num_blocks)))
     try:
         _step_loop(llm, down, up)
+    except (BrokenPipeError, EOFError, KeyboardInterrupt):  # the server went away first: nothing to tell
+        return
     except BaseException as e:  # noqa: BLE001 - a bug or a device failure: the parent fails every request
         import traceback
 
