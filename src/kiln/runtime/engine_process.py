@@ -197,7 +197,7 @@ def _child_main(spec: EngineSpec, down: Any, up: Any) -> None:
         return
     up.send(("ready", (llm.config, llm.blocks.num_blocks)))
     try:
-        _step_loop(llm, down, up)
+        _Loop(llm, down, up).run()
     except (BrokenPipeError, EOFError, KeyboardInterrupt):  # the server went away first: nothing to tell
         return
     except BaseException as e:  # noqa: BLE001 - a bug or a device failure: the parent fails every request
@@ -207,31 +207,50 @@ def _child_main(spec: EngineSpec, down: Any, up: Any) -> None:
         up.send(("error", f"the engine step loop failed: {type(e).__name__}: {e}"))
 
 
-def _step_loop(llm: LLM, down: Any, up: Any) -> None:
-    import time
+class _Loop:
+    """The child's side: commands in, steps, tokens and counters out."""
 
-    import torch
+    def __init__(self, llm: LLM, down: Any, up: Any):
+        self.llm, self.down, self.up = llm, down, up
+        self.seqs: dict[int, Sequence] = {}
+        self.steps = self.computed = self.generated = 0
+        self.recent: list[tuple[float, int]] = []
 
-    seqs: dict[int, Sequence] = {}
-    steps = computed = generated = 0
-    recent: list[tuple[float, int]] = []
-    while True:
-        while down.poll(0 if llm.scheduler.has_work() else None):
-            kind, seq_id, prompt_ids, params = down.recv()
-            if kind == "stop":
-                return
-            if kind == "add":
-                seq = Sequence(prompt_ids, params, seq_id=seq_id)
-                if params.seed is not None:
-                    seq.generator = torch.Generator(device=llm.device).manual_seed(params.seed)
-                seqs[seq_id] = seq
-                llm.scheduler.add(seq)
-            elif seq_id in seqs:
-                llm.scheduler.finish(seqs.pop(seq_id), "cancelled")
-        results = llm.step()
+    def run(self) -> None:
+        while True:
+            if not self.llm.scheduler.has_work():
+                self.send([])  # the counters after aborts, before waiting for the next request
+                if not self.command(*self.down.recv()):
+                    return
+            while self.down.poll(0):
+                if not self.command(*self.down.recv()):
+                    return
+            if self.llm.scheduler.has_work():  # aborts may have emptied it
+                self.step()
+
+    def command(self, kind: str, seq_id: int, prompt_ids: list[int] | None, params: Any) -> bool:
+        if kind == "stop":
+            return False
+        if kind == "add":
+            import torch
+
+            seq = Sequence(prompt_ids or [], params, seq_id=seq_id)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.llm.device).manual_seed(params.seed)
+            self.seqs[seq_id] = seq
+            self.llm.scheduler.add(seq)
+        elif seq_id in self.seqs:
+            self.llm.scheduler.finish(self.seqs.pop(seq_id), "cancelled")
+        return True
+
+    def step(self) -> None:
+        import time
+
+        results = self.llm.step()
         now = time.perf_counter()
-        steps, computed, generated = steps + 1, computed + llm.last_step_tokens, generated + len(results)
-        recent = [(t, k) for t, k in recent if now - t <= 60] + [(now, len(results))]
+        self.steps, self.computed = self.steps + 1, self.computed + self.llm.last_step_tokens
+        self.generated += len(results)
+        self.recent = [(t, k) for t, k in self.recent if now - t <= 60] + [(now, len(results))]
         events = []
         for seq, new_ids in results:
             n = len(new_ids)
@@ -240,9 +259,12 @@ def _step_loop(llm: LLM, down: Any, up: Any) -> None:
                 seq.top_logprobs[-n:] if seq.top_logprobs else [], seq.finished, seq.finish_reason,
                 cached_tokens=seq.cached_tokens)))
             if seq.finished:
-                seqs.pop(seq.seq_id, None)
-        b, sc = llm.blocks, llm.scheduler
-        up.send((events, dict(used=b.num_used, cached=b.num_cached, hit_rate=b.hit_rate, waiting=len(sc.waiting),
-                              running=len(sc.running), preemptions=sc.num_preemptions, steps=steps,
-                              computed=computed, generated=generated, recent=recent[-200:])))
+                self.seqs.pop(seq.seq_id, None)
+        self.send(events)
 
+    def send(self, events: list[tuple[int, TokenEvent]]) -> None:
+        b, sc = self.llm.blocks, self.llm.scheduler
+        self.up.send((events, dict(
+            used=b.num_used, cached=b.num_cached, hit_rate=b.hit_rate, waiting=len(sc.waiting),
+            running=len(sc.running), preemptions=sc.num_preemptions, steps=self.steps, computed=self.computed,
+            generated=self.generated, recent=self.recent[-200:])))
