@@ -240,3 +240,23 @@ def test_temperature_scales_logits_before_draw():
     probs = torch.softmax(logits[0] / 0.7, -1)
     want = [int(torch.multinomial(probs, 1, generator=g).item()) for _ in range(20)]
     assert got == want
+
+
+def test_extreme_settings_never_break_sampling():
+    """Values a request may carry but float32 cannot follow: a top_p that rounds to 0, a temperature so
+    small that logits overflow, bad words that ban every token. Each still gives a token."""
+    from kiln.config import SamplingParams as SP
+    from kiln.runtime.sampler import sample as sample_tokens
+    from kiln.runtime.sequence import Sequence as Seq
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 8) * 5
+    seqs = [
+        Seq([1, 2], SP(temperature=1.0, top_p=1e-300)),
+        Seq([1, 2], SP(temperature=1e-30)),
+        Seq([1, 2], SP(temperature=1.0, bad_token_ids=tuple((t,) for t in range(8)))),
+    ]
+    tokens = sample_tokens(logits.clone(), seqs)
+    assert tokens[0] == int(logits[0].argmax())  # only the top-1 token is left
+    assert tokens[1] == int(logits[1].argmax())
+    assert 0 <= tokens[2] < 8

@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from kiln import __version__
-from kiln.cli import bench, build, convert, eval, quantize, quickstart, run
+from kiln.cli import bench, build, convert, eval, quantize, quickstart, run, serve
 from kiln.errors import KilnError
 
-COMMANDS = (convert, quantize, build, run, eval, bench, quickstart)
+COMMANDS = (convert, quantize, build, run, serve, eval, bench, quickstart)
 
 
 def make_parser() -> argparse.ArgumentParser:

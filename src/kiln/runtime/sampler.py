@@ -41,6 +41,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
         drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep until the mass reaches top_p
+        drop[0] = False  # the most likely token always stays, however small top_p is
         logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -61,6 +62,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             continue
         row_logits = filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row_logits, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # extreme settings overflowed float32: no distribution
+            tokens.append(greedy[row])
+            continue
         tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator).item()))
     for j, row in enumerate(want):
         record_logprobs(seqs[row], logp[j], tokens[row])
