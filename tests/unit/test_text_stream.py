@@ -120,3 +120,19 @@ def test_update_after_final_without_stop_emits_rest():
     assert first == "hell"  # 5 characters held back
     rest = ts.update([0, 1], final=True)
     assert first + rest == "hello world"
+
+
+@pytest.mark.parametrize("text", [
+    "In the beginning God created the heaven and the earth.",
+    "日本語のテキスト 🙂 and emoji 👩‍👩‍👧 mixed with ASCII.",
+    "def f(x):\n    return x  # two  spaces\n\n\tand a tab",
+])
+def test_incremental_decoding_equals_decoding_the_whole_output(smollm2_hf, text):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_hf))
+    ids = tok.encode(text, add_special_tokens=False) + [2]  # <|im_end|>: special, never shown
+    ts = TextStream(tok)
+    deltas = [ts.update(ids[:n], final=n == len(ids)) for n in range(1, len(ids) + 1)]
+    assert "".join(deltas) == tok.decode(ids, skip_special_tokens=True) == ts.text
+    assert all("\ufffd" not in d for d in deltas)  # a character split over tokens is shown whole
