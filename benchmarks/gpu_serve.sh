@@ -20,7 +20,7 @@ done
 python3 -m kiln bench serve --url http://127.0.0.1:8123 --concurrency "$c" --num_requests "$((2 * c))" \
   --input_len 128 --output_len 16 >/dev/null 2>&1
 for proto in ${PROTOCOLS:-openai kserve}; do
-  python3 -m kiln bench serve --url http://127.0.0.1:8123 --protocol "$proto" --concurrency "$c" \
+  python3 -m kiln bench serve --url http://127.0.0.1:8123 --protocol "$proto" --concurrency "$c" --workers "${WORKERS:-4}" \
     --num_requests "$n" --input_len 128 --output_len 128 --output_json "$out/served_${proto}_c$c.json" 2>&1 \
     | tee -a "$out/serve_bench.log"
 done

@@ -187,6 +187,16 @@ def test_concurrency_run_counts_every_chunk(server_url: str, protocol: str) -> N
     assert r.requests_per_s > 0
 
 
+def test_load_spread_over_worker_processes_counts_every_request(server_url: str) -> None:
+    from kiln.bench.serve_load import run_load_processes
+
+    r, model = run_load_processes(2, server_url, "openai", make_prompts(7, 8), 4, concurrency=3, api_key=KEY)
+    assert model == MODEL and (r.num_requests, r.completed, r.failures) == (7, 7, {})
+    assert r.output_chunks == 28 and r.output_tokens == 28 and 0 < r.ttft.p50 <= r.latency.p50 <= r.wall_s
+    with pytest.raises(KilnError, match="--workers 4 is more than --concurrency 3"):
+        run_load_processes(4, server_url, "openai", make_prompts(7, 8), 4, concurrency=3, api_key=KEY)
+
+
 def test_request_rate_run(server_url: str) -> None:
     r, _ = run_load_sync(server_url, "openai", make_prompts(6, 4), 3, request_rate=200.0, api_key=KEY, seed=3)
     assert r.completed == 6 and r.output_chunks == 18 and r.output_tokens_per_s > 0

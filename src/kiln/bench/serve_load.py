@@ -296,6 +296,16 @@ async def run_load(url: str, protocol: str, prompts: list[str], output_len: int,
 
     Returns the figures and the model name used. The first failure of each kind is shown through `log`.
     """
+    records, start, end, model = await _run_records(url, protocol, prompts, output_len, model=model,
+                                                    concurrency=concurrency, request_rate=request_rate,
+                                                    api_key=api_key, seed=seed, timeout_s=timeout_s, log=log)
+    return summarize(records, end - start), model
+
+
+async def _run_records(url: str, protocol: str, prompts: list[str], output_len: int, *, model: str | None,
+                       concurrency: int | None, request_rate: float | None, api_key: str | None, seed: int,
+                       timeout_s: float, log: Log) -> tuple[list[RequestRecord], float, float, str]:
+    """The records of every request, and the run's start and end (time.time(), comparable across processes)."""
     if (concurrency is None) == (request_rate is None):
         raise KilnError("give exactly one of --concurrency C and --request_rate R")
     if concurrency is not None and concurrency < 1:
@@ -321,7 +331,7 @@ async def run_load(url: str, protocol: str, prompts: list[str], output_len: int,
                 shown.add(record.failure)
                 log(f"  request failed: {record.failure}: {problem} (shown once; later ones are counted)")
 
-        start = time.perf_counter()
+        start, wall_start = time.perf_counter(), time.time()
         if arrivals is not None:
             await asyncio.gather(*(_at(start + t, one(i)) for i, t in enumerate(arrivals)))
         else:
@@ -332,8 +342,42 @@ async def run_load(url: str, protocol: str, prompts: list[str], output_len: int,
                     await one(i)
 
             await asyncio.gather(*(worker() for _ in range(width or 1)))
-        wall = time.perf_counter() - start
-    return summarize([r for r in records if r is not None], wall), model
+        wall_end = wall_start + time.perf_counter() - start
+    return [r for r in records if r is not None], wall_start, wall_end, model
+
+
+def run_load_processes(workers: int, url: str, protocol: str, prompts: list[str], output_len: int, *,
+                       concurrency: int | None = None, request_rate: float | None = None, seed: int = 0,
+                       **kwargs: Any) -> tuple[ServeResult, str]:
+    """run_load spread over `workers` processes (one asyncio loop parsing thousands of streamed chunks a
+    second is CPU-bound): each takes every workers-th prompt, its share of the concurrency or rate."""
+    if workers <= 1:
+        return run_load_sync(url, protocol, prompts, output_len, concurrency=concurrency,
+                             request_rate=request_rate, seed=seed, **kwargs)
+    if concurrency is not None and concurrency < workers:
+        raise KilnError(f"--workers {workers} is more than --concurrency {concurrency}: use at most that many")
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = []
+    for w in range(workers):
+        share = None if concurrency is None else concurrency // workers + (w < concurrency % workers)
+        rate = None if request_rate is None else request_rate / workers
+        jobs.append((url, protocol, prompts[w::workers], output_len,
+                     dict(concurrency=share, request_rate=rate, seed=seed + w, **kwargs)))
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        parts = list(pool.map(_worker, jobs))
+    records = [r for part in parts for r in part[0]]
+    start, end = min(p[1] for p in parts), max(p[2] for p in parts)
+    return summarize(records, end - start), parts[0][3]
+
+
+def _worker(job: tuple) -> tuple[list[RequestRecord], float, float, str]:
+    url, protocol, prompts, output_len, kwargs = job
+    return asyncio.run(_run_records(url, protocol, prompts, output_len, model=kwargs.pop("model", None),
+                                    log=_stderr, **{k: kwargs.get(k) for k in (
+                                        "concurrency", "request_rate", "api_key")},
+                                    seed=kwargs.get("seed", 0), timeout_s=kwargs.get("timeout_s", 300.0)))
 
 
 async def _at(when: float, job: Any) -> None:

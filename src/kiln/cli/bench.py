@@ -254,18 +254,22 @@ def add_serve_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="seconds a request may wait for the server (to connect, or between chunks) before "
                    "it counts as failed (default 300)")
+    p.add_argument("--workers", type=positive_int, default=1,
+                   help="client processes sharing the load (default 1); at thousands of streamed tokens "
+                   "per second one Python process is CPU-bound and would measure itself")
     p.add_argument("--output_json", help="write the figures as JSON")
     p.set_defaults(func=serve_main)
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    from kiln.bench.serve_load import make_prompts, run_load_sync
+    from kiln.bench.serve_load import make_prompts, run_load_processes
     from kiln.errors import KilnError
 
     prompts = make_prompts(args.num_requests, args.input_len, args.seed)
-    result, model = run_load_sync(args.url, args.protocol, prompts, args.output_len, model=args.model,
-                                  concurrency=args.concurrency, request_rate=args.request_rate,
-                                  api_key=args.api_key, seed=args.seed, timeout_s=args.timeout)
+    result, model = run_load_processes(args.workers, args.url, args.protocol, prompts, args.output_len,
+                                       model=args.model, concurrency=args.concurrency,
+                                       request_rate=args.request_rate, api_key=args.api_key, seed=args.seed,
+                                       timeout_s=args.timeout)
     load = (f"concurrency {args.concurrency}" if args.concurrency is not None
             else f"Poisson arrivals at {args.request_rate:g} requests/s")
     print(f"kiln bench serve: {args.protocol} at {args.url}, model {model}, {load}")
@@ -276,7 +280,7 @@ def serve_main(args: argparse.Namespace) -> int:
         from kiln.fsutil import write_atomic
 
         settings = dict(url=args.url, protocol=args.protocol, model=model, concurrency=args.concurrency,
-                        request_rate=args.request_rate, input_len_words=args.input_len,
+                        request_rate=args.request_rate, workers=args.workers, input_len_words=args.input_len,
                         output_len=args.output_len, seed=args.seed)
         write_atomic(Path(args.output_json), result.to_json(**settings))
     if result.completed == 0:
