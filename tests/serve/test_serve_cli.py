@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .conftest import KV_CACHE_TOKENS
 
@@ -67,10 +68,11 @@ def read_url(proc: subprocess.Popen[str], timeout: float) -> str:
     raise AssertionError(f"no URL printed in {timeout} s:\n{seen}\n{errors}")
 
 
-def test_serve_smoke(serve_engine_dir: Path, smollm2_hf: Path) -> None:
+@pytest.mark.parametrize("engine", ["--engine_thread", "--engine_process"])
+def test_serve_smoke(serve_engine_dir: Path, smollm2_hf: Path, engine: str) -> None:
     cmd = [sys.executable, "-m", "kiln", "serve", "--engine_dir", str(serve_engine_dir), "--tokenizer_dir",
            str(smollm2_hf), "--port", "0", "--device", "cpu", "--served_model_name", "smoke",
-           "--max_tokens_in_paged_kv_cache", str(KV_CACHE_TOKENS), "--log_level", "warning"]
+           "--max_tokens_in_paged_kv_cache", str(KV_CACHE_TOKENS), "--log_level", "warning", engine]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         url = read_url(proc, START_TIMEOUT_S)

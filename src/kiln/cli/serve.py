@@ -52,6 +52,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     caching.add_argument("--enable_prefix_caching", dest="enable_prefix_caching", action="store_true",
                          default=True, help="reuse the KV blocks of shared prompt prefixes (the default)")
     caching.add_argument("--disable_prefix_caching", dest="enable_prefix_caching", action="store_false")
+    proc = p.add_mutually_exclusive_group()
+    proc.add_argument("--engine_process", dest="engine_process", action="store_true", default=None,
+                      help="run the engine in a process of its own, so HTTP work never delays a step "
+                      "(the default with a GPU)")
+    proc.add_argument("--engine_thread", dest="engine_process", action="store_false",
+                      help="run the engine in a thread of the server's process (the default on a CPU)")
     p.add_argument("--log_level", default="info", type=str.lower, choices=LOG_LEVELS, help="default info")
     p.set_defaults(func=main)
 
@@ -121,21 +127,15 @@ def run_until_signal(server: Any, sock: socket.socket) -> None:
 def serve(args: argparse.Namespace, sock: socket.socket, name: str) -> int:
     import uvicorn
 
-    from kiln.runtime.async_engine import AsyncLLM
-    from kiln.runtime.engine import LLM
     from kiln.serve.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)-9s %(name)s: %(message)s")
-    llm = LLM(args.engine_dir, args.tokenizer_dir, device=args.device,
-              kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
-              max_tokens_in_paged_kv_cache=args.max_tokens_in_paged_kv_cache,
-              enable_prefix_caching=args.enable_prefix_caching)
-    engine = AsyncLLM(llm)
+    engine = start_engine(args)
     try:
         app = create_app(engine, name, api_key=args.api_key)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-        print(f"[kiln] serving {name!r} on {llm.device} at {url} (OpenAI: {url}/v1, KServe v2: {url}/v2, "
+        print(f"[kiln] serving {name!r} on {device_of(args)} at {url} (OpenAI: {url}/v1, KServe v2: {url}/v2, "
               f"metrics: {url}/metrics{', API key required' if args.api_key else ''})", flush=True)
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
         run_until_signal(uvicorn.Server(config), sock)
@@ -143,3 +143,27 @@ def serve(args: argparse.Namespace, sock: socket.socket, name: str) -> int:
         engine.shutdown()
     print("[kiln] server stopped", file=sys.stderr)
     return 0
+
+
+def device_of(args: argparse.Namespace) -> str:
+    from kiln.builder.device import default_device
+
+    return args.device or default_device()
+
+
+def start_engine(args: argparse.Namespace):  # noqa: ANN201 - AsyncLLM or ProcessAsyncLLM
+    """The engine, in a process of its own (default with a GPU) or in a thread of this one."""
+    from kiln.runtime.async_engine import AsyncLLM
+    from kiln.runtime.engine import LLM
+
+    device = device_of(args)
+    kwargs = dict(kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
+                  max_tokens_in_paged_kv_cache=args.max_tokens_in_paged_kv_cache,
+                  enable_prefix_caching=args.enable_prefix_caching)
+    use_process = args.engine_process if args.engine_process is not None else device.startswith("cuda")
+    if use_process:
+        from kiln.runtime.engine_process import EngineSpec, ProcessAsyncLLM
+
+        return ProcessAsyncLLM(EngineSpec(device, engine_dir=str(args.engine_dir), llm_kwargs=kwargs),
+                               args.tokenizer_dir)
+    return AsyncLLM(LLM(args.engine_dir, args.tokenizer_dir, device=device, **kwargs))
