@@ -201,11 +201,7 @@ class AsyncLLM:
             stream = self._streams.get(seq.seq_id)
             if stream is None:
                 continue
-            n = len(new_ids)
-            event = TokenEvent(list(new_ids), seq.logprobs[-n:] if seq.logprobs else [],
-                               seq.top_logprobs[-n:] if seq.top_logprobs else [], seq.finished,
-                               seq.finish_reason, cached_tokens=seq.cached_tokens)
-            deliveries.append((stream, event))
+            deliveries.append((stream, token_event(seq, new_ids)))
             if seq.finished:
                 del self._streams[seq.seq_id]
         self.stats.generation_tokens += len(results)
@@ -217,6 +213,14 @@ class AsyncLLM:
         deliveries = [(stream, TokenEvent([], [], [], True, "error", message)) for stream in self._streams.values()]
         self._streams.clear()
         _deliver(deliveries)
+
+
+def token_event(seq: Sequence, new_ids: list[int]) -> TokenEvent:
+    """What a step gave `seq`: its new tokens, their log probabilities, and whether it ended."""
+    n = len(new_ids)
+    return TokenEvent(list(new_ids), seq.logprobs[-n:] if seq.logprobs else [],
+                      seq.top_logprobs[-n:] if seq.top_logprobs else [], seq.finished, seq.finish_reason,
+                      cached_tokens=seq.cached_tokens)
 
 
 class _Stream:

@@ -22,7 +22,15 @@ from typing import Any
 
 from kiln.config import BuildConfig
 from kiln.errors import KilnError
-from kiln.runtime.async_engine import AsyncLLM, EngineDead, EngineStats, TokenEvent, _deliver, _Stream
+from kiln.runtime.async_engine import (
+    AsyncLLM,
+    EngineDead,
+    EngineStats,
+    TokenEvent,
+    _deliver,
+    _Stream,
+    token_event,
+)
 from kiln.runtime.engine import LLM
 from kiln.runtime.sequence import Sequence
 
@@ -253,11 +261,7 @@ class _Loop:
         self.recent = [(t, k) for t, k in self.recent if now - t <= 60] + [(now, len(results))]
         events = []
         for seq, new_ids in results:
-            n = len(new_ids)
-            events.append((seq.seq_id, TokenEvent(
-                list(new_ids), seq.logprobs[-n:] if seq.logprobs else [],
-                seq.top_logprobs[-n:] if seq.top_logprobs else [], seq.finished, seq.finish_reason,
-                cached_tokens=seq.cached_tokens)))
+            events.append((seq.seq_id, token_event(seq, new_ids)))
             if seq.finished:
                 self.seqs.pop(seq.seq_id, None)
         self.send(events)
