@@ -1,5 +1,7 @@
 """Latency of one batch: time to first token, time per output token, and how close decode is to the
 memory-bandwidth floor (every decode step must read all weights plus the batch's KV cache).
+With tensor parallelism each GPU reads its rank's share, so bytes and bandwidth are per GPU (rank 0's,
+all ranks hold equal shares) while tokens/s are the group's.
 
 The copy bandwidth is measured in the same run, on the same device, so the floor is this machine's.
 """
@@ -26,6 +28,7 @@ class LatencyResult:
     weight_bytes: int
     kv_bytes_mean: float  # KV cache bytes a decode step reads, averaged over the decode
     copy_gbps: float  # measured device copy bandwidth (read + write)
+    ranks: int = 1  # tensor-parallel GPUs; bytes and bandwidth are per GPU
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -40,14 +43,15 @@ class LatencyResult:
         return (self.weight_bytes + self.kv_bytes_mean) / (self.copy_gbps * 1e9)
 
     def lines(self) -> list[str]:
+        gpu = " per GPU" if self.ranks > 1 else ""
         return [
             f"batch {self.batch_size}, {self.input_len} prompt tokens, {self.output_len} output tokens",
             f"time to first token   {self.ttft_s * 1e3:9.2f} ms",
             f"time per output token {self.tpot_s * 1e3:9.3f} ms  ({self.decode_tokens_per_s:.1f} tokens/s decode, "
             f"{self.batch_size * self.output_len / self.total_s:.1f} tokens/s end to end)",
-            f"bytes per decode step {(self.weight_bytes + self.kv_bytes_mean) / 1e9:9.3f} GB  (weights "
+            f"bytes per decode step{gpu} {(self.weight_bytes + self.kv_bytes_mean) / 1e9:9.3f} GB  (weights "
             f"{self.weight_bytes / 1e9:.3f} + KV {self.kv_bytes_mean / 1e9:.3f})",
-            f"achieved bandwidth    {self.achieved_gbps:9.1f} GB/s of {self.copy_gbps:.1f} GB/s measured copy "
+            f"achieved bandwidth{gpu}    {self.achieved_gbps:9.1f} GB/s of {self.copy_gbps:.1f} GB/s measured copy "
             f"bandwidth = {self.achieved_gbps / self.copy_gbps * 100:.1f}% of the floor "
             f"({self.floor_tpot_s * 1e3:.3f} ms/token, {self.batch_size / self.floor_tpot_s:.0f} tokens/s)",
         ]
@@ -86,7 +90,7 @@ def measure_latency(llm: LLM, batch_size: int, input_len: int, output_len: int, 
     tpot = (end - first) / max(output_len - 1, 1)
     return LatencyResult(batch_size, input_len, output_len, first - start, tpot, end - start,
                          _weight_bytes(llm), _kv_bytes(llm, batch_size, input_len + output_len / 2),
-                         copy_bandwidth_gbps(llm.device))
+                         copy_bandwidth_gbps(llm.device), llm.config.tp_size)
 
 
 def _weight_bytes(llm: LLM) -> int:

@@ -11,6 +11,7 @@ import torch
 from kiln.builder.device import describe_device
 from kiln.builder.engine_file import EngineConfig, current_versions
 from kiln.config import BuildConfig, ModelConfig, RopeConfig
+from kiln.distributed.comm import SINGLE, TPGroup
 from kiln.errors import KilnError
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.registry import create_model
@@ -30,23 +31,24 @@ SHAPES: dict[str, ModelConfig] = {
 
 def synthetic_model(
     name: str, build: BuildConfig, device: str, dtype: str = "bfloat16", quant: QuantConfig | None = None,
-    seed: int = 0,
+    seed: int = 0, tp: TPGroup = SINGLE,
 ) -> tuple[LlamaForCausalLM, EngineConfig]:
-    """A model of `name`'s shapes with random weights on `device`, and an engine config for it."""
+    """A model of `name`'s shapes with random weights on `device` (this rank's share of them), and an
+    engine config for it."""
     if name not in SHAPES:
         raise KilnError(f"--synthetic {name!r} is unknown: choose one of {', '.join(SHAPES)}")
     cfg = SHAPES[name]
     torch_dtype = getattr(torch, dtype)
-    model = create_model(cfg, build.max_seq_len, device, quant=quant, dtype=torch_dtype)
+    model = create_model(cfg, build.max_seq_len, device, tp, quant=quant, dtype=torch_dtype)
     tables = {n: b.clone() for n, b in model.named_buffers()}  # rotary tables: real, already on the device
     model.to_empty(device=device)  # (which leaves every tensor uninitialized, buffers too)
     for n, b in model.named_buffers():
         b.copy_(tables[n])
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed + tp.rank)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             _fill(pname, p, gen)
-    engine = EngineConfig(model=cfg, build=build, dtype=dtype, tp_size=1, device=describe_device(device),
+    engine = EngineConfig(model=cfg, build=build, dtype=dtype, tp_size=tp.size, device=describe_device(device),
                           quantization=(quant or QuantConfig()).to_dict(), flags={"synthetic": name},
                           versions=current_versions())
     return model.eval(), engine

@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--group_size", type=int, default=128, choices=(0, 32, 64, 128),
                      help="with --synthetic int4/int8: group size (0: per channel; default 128)")
     lat.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="with --synthetic: activation dtype")
+    lat.add_argument("--tp_size", type=positive_int, default=1,
+                     help="with --synthetic: tensor-parallel ranks, one per GPU (an engine says its own)")
     lat.add_argument("--batch_size", type=positive_int, default=1)
     lat.add_argument("--input_len", type=positive_int, default=128)
     lat.add_argument("--output_len", type=positive_int, default=256)
@@ -52,31 +54,29 @@ def main(args: argparse.Namespace) -> int:
 
     device = args.device or default_device()
     if args.synthetic:
-        from kiln.bench.synthetic import synthetic_model
-        from kiln.quant.methods import QuantConfig
-
         build = BuildConfig(max_batch_size=args.batch_size, max_input_len=args.input_len,
                             max_seq_len=args.input_len + args.output_len,
                             max_num_tokens=max(8192, args.batch_size * args.input_len))
-        quant = None if args.qformat == "full_prec" else QuantConfig(
-            args.qformat, 0 if args.qformat == "fp8" else args.group_size)
-        model, cfg = synthetic_model(args.synthetic, build, device, args.dtype, quant)
-        llm = LLM.from_model(model, cfg, device, cuda_graphs=not args.no_cuda_graphs)
+        llm = LLM.from_source(_synthetic_source(args, build), device, cuda_graphs=not args.no_cuda_graphs)
         what = f"synthetic {args.synthetic}, {args.qformat}, {args.dtype}"
     else:
-        model = None
+        _no_tp_flag(args)
         llm = LLM(args.engine_dir, None, device=device, cuda_graphs=not args.no_cuda_graphs)
         what = f"engine {args.engine_dir}"
     result = measure_latency(llm, args.batch_size, args.input_len, args.output_len)
-    print(f"kiln bench latency: {what} on {llm.config.device.get('name')}")
+    print(f"kiln bench latency: {what} on {_ranks(llm)}")
     for line in result.lines():
         print("  " + line)
     hf = None
     if args.compare == "hf":
         from kiln.bench.compare_hf import measure_hf_generate
 
+        if llm.config.tp_size > 1:
+            from kiln.errors import KilnError
+
+            raise KilnError("--compare hf runs transformers on one GPU: use it with --tp_size 1")
         model_cfg, dtype = llm.config.model, llm.runner.kv_caches[0][0].dtype
-        llm = model = None  # room for the Hugging Face copy
+        llm = None  # room for the Hugging Face copy
         gc.collect()
         hf = measure_hf_generate(model_cfg, args.batch_size, args.input_len, args.output_len, device, dtype)
         print(f"  transformers generate (static cache): TTFT {hf.ttft_s * 1e3:.2f} ms, "
@@ -108,6 +108,8 @@ def add_throughput_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--group_size", type=int, default=128, choices=(0, 32, 64, 128),
                    help="with --synthetic int4/int8: group size (0: per channel; default 128)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="with --synthetic: activation dtype")
+    p.add_argument("--tp_size", type=positive_int, default=1,
+                   help="with --synthetic: tensor-parallel ranks, one per GPU (an engine says its own)")
     p.add_argument("--num_requests", type=positive_int, required=True, help="how many requests")
     p.add_argument("--input_len", type=positive_int, required=True,
                    help="prompt tokens (the mean when drawn)")
@@ -159,7 +161,7 @@ def throughput_main(args: argparse.Namespace) -> int:
             "--input_len/--output_len, or choose a smaller --synthetic model or --qformat"
         ) from None
     build = llm.config.build
-    print(f"kiln bench throughput: {what} on {llm.config.device.get('name')}")
+    print(f"kiln bench throughput: {what} on {_ranks(llm)}")
     print(f"  max_batch_size {build.max_batch_size}, max_num_tokens {build.max_num_tokens}; input_len "
           f"{describe_lengths(args.input_len, args.input_len_dist, args.len_range)}, output_len "
           f"{describe_lengths(args.output_len, args.output_len_dist, args.len_range)}, seed {args.seed}")
@@ -184,17 +186,33 @@ def throughput_main(args: argparse.Namespace) -> int:
 def _synthetic_llm(args: argparse.Namespace, device: str, input_lens: list[int],
                    output_lens: list[int]) -> tuple[LLM, str]:
     """A random-weight model of the shape --synthetic names, built for the drawn lengths."""
-    from kiln.bench.synthetic import synthetic_model
     from kiln.bench.throughput import build_for
-    from kiln.quant.methods import QuantConfig
     from kiln.runtime.engine import LLM
 
     build = build_for(input_lens, output_lens, args.max_batch_size or 512, args.max_num_tokens or 8192)
-    quant = None if args.qformat == "full_prec" else QuantConfig(
-        args.qformat, 0 if args.qformat == "fp8" else args.group_size)
-    model, cfg = synthetic_model(args.synthetic, build, device, args.dtype, quant)
-    llm = LLM.from_model(model, cfg, device)
+    llm = LLM.from_source(_synthetic_source(args, build), device)
     return llm, f"synthetic {args.synthetic}, {args.qformat}, {args.dtype}"
+
+
+def _synthetic_source(args: argparse.Namespace, build: object):  # noqa: ANN202 - a ModelSource
+    from kiln.runtime.loader import ModelSource
+
+    return ModelSource(synthetic=args.synthetic, build=build, qformat=args.qformat, dtype=args.dtype,
+                       synthetic_tp_size=args.tp_size, group_size=args.group_size)
+
+
+def _no_tp_flag(args: argparse.Namespace) -> None:
+    if args.tp_size != 1:
+        from kiln.errors import KilnError
+
+        raise KilnError(f"--tp_size {args.tp_size} applies with --synthetic: an engine has the ranks it was "
+                        "built with (kiln convert/quantize --tp_size, then kiln build)")
+
+
+def _ranks(llm: LLM) -> str:
+    """The device, and how many of it when the model is spread over several."""
+    name, n = llm.config.device.get("name"), llm.config.tp_size
+    return f"{name} x {n} (tensor parallel; figures are for the whole group, per GPU where said)" if n > 1 else str(name)
 
 
 def _engine_llm(args: argparse.Namespace, device: str, input_lens: list[int],
@@ -210,6 +228,7 @@ def _engine_llm(args: argparse.Namespace, device: str, input_lens: list[int],
         verb = "apply" if len(given) > 1 else "applies"
         raise KilnError(f"{' and '.join(given)} only {verb} with --synthetic: an engine's limits are fixed "
                         "when it is built; rebuild it with `kiln build` to change them")
+    _no_tp_flag(args)
     check_fits(load_engine_config(args.engine_dir).build, input_lens, output_lens)  # before loading weights
     llm = LLM(args.engine_dir, None, device=device)
     return llm, f"engine {args.engine_dir}"

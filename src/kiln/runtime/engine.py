@@ -21,10 +21,11 @@ import torch
 from kiln.builder.device import default_device
 from kiln.builder.engine_file import EngineConfig
 from kiln.config import SamplingParams
+from kiln.distributed.comm import SINGLE
 from kiln.errors import KilnError, LimitError
 from kiln.models.llama import LlamaForCausalLM
 from kiln.runtime.kv_cache import BlockManager
-from kiln.runtime.loader import load_engine
+from kiln.runtime.loader import ModelSource
 from kiln.runtime.memory import num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.sampler import sample
@@ -56,6 +57,32 @@ class StreamEvent:
     output: RequestOutput
 
 
+@dataclass(frozen=True)
+class RunnerSettings:
+    """How the model runner and its KV cache are set up; the same on every rank."""
+
+    num_kv_blocks: int | None = None
+    cuda_graphs: bool = True
+    kv_cache_free_gpu_memory_fraction: float | None = None
+    max_tokens_in_paged_kv_cache: int | None = None
+
+
+def prepare_runner(
+    model: LlamaForCausalLM, config: EngineConfig, device: str, settings: RunnerSettings, group: Any = None,
+) -> tuple[ModelRunner, int]:
+    """Tune the kernels, size the KV cache (the smallest any rank can hold), capture the graphs."""
+    if device.startswith("cuda"):  # before the CUDA graphs are captured: they keep the kernel choices
+        from kiln.kernels.tuning import for_engine
+
+        for_engine(model, config, device)
+    blocks = settings.num_kv_blocks or num_kv_blocks(
+        config, device, settings.kv_cache_free_gpu_memory_fraction, settings.max_tokens_in_paged_kv_cache)
+    if group is not None:
+        blocks = group.min_int(blocks)
+    channel = group.channel if group is not None and group.rank == 0 else None
+    return ModelRunner(model, config, device, blocks, settings.cuda_graphs, channel), blocks
+
+
 class LLM:
     def __init__(
         self,
@@ -68,40 +95,63 @@ class LLM:
         max_tokens_in_paged_kv_cache: int | None = None,
         enable_prefix_caching: bool = True,
     ):
-        device = device or default_device()
-        model, config = load_engine(engine_dir, device)
+        settings = RunnerSettings(num_kv_blocks, cuda_graphs, kv_cache_free_gpu_memory_fraction,
+                                  max_tokens_in_paged_kv_cache)
         tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
-        self._setup(model, config, device, tokenizer, num_kv_blocks, cuda_graphs,
-                    kv_cache_free_gpu_memory_fraction, max_tokens_in_paged_kv_cache, enable_prefix_caching)
+        self._load(ModelSource(engine_dir=str(engine_dir)), device, tokenizer, settings, enable_prefix_caching)
+
+    @classmethod
+    def from_source(
+        cls, source: ModelSource, device: str | None = None, tokenizer: Any = None,
+        enable_prefix_caching: bool = True, **settings: Any,
+    ) -> LLM:
+        """An LLM on an engine folder or a synthetic model (`ModelSource`), over as many ranks as it has."""
+        llm = cls.__new__(cls)
+        llm._load(source, device, tokenizer, RunnerSettings(**settings), enable_prefix_caching)
+        return llm
 
     @classmethod
     def from_model(
         cls, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any = None,
-        num_kv_blocks: int | None = None, cuda_graphs: bool = True,
-        kv_cache_free_gpu_memory_fraction: float | None = None, max_tokens_in_paged_kv_cache: int | None = None,
-        enable_prefix_caching: bool = True,
+        enable_prefix_caching: bool = True, **settings: Any,
     ) -> LLM:
-        """An LLM around a model already in memory (synthetic benchmark models, tests)."""
+        """An LLM around a single-rank model already in memory (tests)."""
         llm = cls.__new__(cls)
-        llm._setup(model, config, device, tokenizer, num_kv_blocks, cuda_graphs,
-                   kv_cache_free_gpu_memory_fraction, max_tokens_in_paged_kv_cache, enable_prefix_caching)
+        llm._setup(model, config, device, tokenizer, RunnerSettings(**settings), enable_prefix_caching)
         return llm
+
+    def _load(
+        self, source: ModelSource, device: str | None, tokenizer: Any, settings: RunnerSettings,
+        prefix_caching: bool,
+    ) -> None:
+        device = device or default_device()
+        self.group = None
+        from kiln.distributed import group as grp
+
+        launched = grp.from_environment()
+        if source.tp_size > 1 or (launched is not None and launched.world_size > 1):
+            from kiln.distributed.worker import WorkerSetup
+
+            kind = "cuda" if device.startswith("cuda") else "cpu"
+            self.group, device = grp.start(source.tp_size, kind)
+            self.group.broadcast_object(WorkerSetup(source, kind, settings))
+        model, config = source.load(device, self.group.tp if self.group else SINGLE)
+        self._setup(model, config, device, tokenizer, settings, prefix_caching)
 
     def _setup(
         self, model: LlamaForCausalLM, config: EngineConfig, device: str, tokenizer: Any,
-        blocks: int | None, cuda_graphs: bool, fraction: float | None, max_tokens: int | None,
-        prefix_caching: bool,
+        settings: RunnerSettings, prefix_caching: bool,
     ) -> None:
         self.device, self.model, self.config, self.tokenizer = device, model, config, tokenizer
-        build = config.build
-        if device.startswith("cuda"):  # before the CUDA graphs are captured: they keep the kernel choices
-            from kiln.kernels.tuning import for_engine
+        self.group = getattr(self, "group", None)
+        self.runner, blocks = prepare_runner(model, config, device, settings, self.group)
+        self.blocks = BlockManager(blocks, config.build.tokens_per_block, prefix_caching)
+        self.scheduler = Scheduler(config.build, self.blocks)
 
-            for_engine(model, config, device)
-        blocks = blocks or num_kv_blocks(config, device, fraction, max_tokens)
-        self.blocks = BlockManager(blocks, build.tokens_per_block, prefix_caching)
-        self.runner = ModelRunner(model, config, device, blocks, cuda_graphs)
-        self.scheduler = Scheduler(build, self.blocks)
+    def close(self) -> None:
+        """Release the other ranks of a tensor-parallel engine (also done when the process exits)."""
+        if self.group is not None:
+            self.group.close()
 
     # ---- requests --------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -194,7 +244,14 @@ class LLM:
         self.last_step_tokens = sum(n for _, n in batch)
         if not batch:
             raise RuntimeError("no sequence could be scheduled: the KV cache is too small for a request")
-        to_sample, logits = self.runner.run(batch)
+        try:
+            to_sample, logits = self.runner.run(batch)
+        except RuntimeError as e:
+            if self.group is None:
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise KilnError(f"the tensor-parallel group broke during a step ({first}): another rank ended "
+                            "or stopped answering; see its messages") from None
         tokens = sample(logits, to_sample)
         now = time.perf_counter()
         for seq in to_sample:

@@ -32,6 +32,7 @@ from kiln.runtime.async_engine import (
     token_event,
 )
 from kiln.runtime.engine import LLM
+from kiln.runtime.loader import ModelSource
 from kiln.runtime.sequence import Sequence
 
 log = logging.getLogger("kiln.engine")
@@ -48,17 +49,12 @@ class EngineSpec:
     build: BuildConfig | None = None
     qformat: str = "full_prec"
     dtype: str = "bfloat16"
+    tp_size: int = 1  # ranks of a synthetic model (an engine folder says its own)
     llm_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def create(self) -> LLM:
-        if self.engine_dir is not None:
-            return LLM(self.engine_dir, None, device=self.device, **self.llm_kwargs)
-        from kiln.bench.synthetic import synthetic_model
-        from kiln.quant.methods import QuantConfig
-
-        quant = None if self.qformat == "full_prec" else QuantConfig(self.qformat, 0 if self.qformat == "fp8" else 128)
-        model, cfg = synthetic_model(self.synthetic or "", self.build or BuildConfig(), self.device, self.dtype, quant)
-        return LLM.from_model(model, cfg, self.device, **self.llm_kwargs)
+        source = ModelSource(self.engine_dir, self.synthetic, self.build, self.qformat, self.dtype, self.tp_size)
+        return LLM.from_source(source, self.device, **self.llm_kwargs)
 
 
 class _Counts:

@@ -19,17 +19,19 @@ _WORKSPACE_BYTES = 2 << 30  # cuBLAS workspaces, CUDA graph pools, allocator sla
 
 
 def block_bytes(cfg: EngineConfig) -> int:
+    """Bytes of one KV block on one rank (KV heads split over ranks, at least one each)."""
     m = cfg.model
     elem = torch.empty((), dtype=torch_dtype(cfg.dtype)).element_size()
-    return 2 * m.num_layers * cfg.build.tokens_per_block * m.num_kv_heads * m.head_dim * elem
+    kv_heads = max(1, m.num_kv_heads // cfg.tp_size)
+    return 2 * m.num_layers * cfg.build.tokens_per_block * kv_heads * m.head_dim * elem
 
 
 def activation_bytes(cfg: EngineConfig) -> int:
-    """A generous bound on one step's activations: max_num_tokens tokens through the widest layers,
-    float32 logits for every sequence, twice over for temporaries."""
-    m, b = cfg.model, cfg.build
+    """A generous bound on one step's activations on one rank: max_num_tokens tokens through the widest
+    layers, float32 logits for every sequence, twice over for temporaries."""
+    m, b, n = cfg.model, cfg.build, cfg.tp_size
     elem = torch.empty((), dtype=torch_dtype(cfg.dtype)).element_size()
-    per_token = (m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 3 * m.intermediate_size + 4 * m.hidden_size
+    per_token = ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 3 * m.intermediate_size) // n + 4 * m.hidden_size
     return 2 * (b.max_num_tokens * per_token * elem + b.max_batch_size * m.vocab_size * 4)
 
 

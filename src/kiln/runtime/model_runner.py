@@ -10,6 +10,10 @@ adds one token) replay a CUDA graph captured at load time for the smallest batch
 the batch: the whole forward pass, LM head included, is one launch, so decode runs at the speed of the
 kernels rather than of Python. Padding rows of a bucket have no cache slot (-1) and length 0, so they
 write nothing and read nothing.
+
+With tensor parallelism, rank 0 sends each step's packed host tensor to the other ranks (`channel`)
+before running it; they run the same step from that tensor alone (`serve`), so every rank launches the
+same kernels and collectives in the same order, graphs included.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 
 from kiln.builder.engine_file import EngineConfig
 from kiln.checkpoint.format import torch_dtype
+from kiln.distributed.group import OP_ALL_LOGITS, OP_FORWARD, OP_GRAPH, OP_STOP, StepChannel
 from kiln.kernels import use_triton
 from kiln.layers.attention import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
@@ -62,12 +67,13 @@ class _Graph:
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, cfg: EngineConfig, device: str, num_blocks: int,
-        cuda_graphs: bool = True,
+        cuda_graphs: bool = True, channel: StepChannel | None = None,
     ):
         self.model = model
         self.device = device
         self.build = cfg.build
         self.block_size = cfg.build.tokens_per_block
+        self.channel = channel  # rank 0 of a tensor-parallel group: every step is sent to the others first
         attn = model.model.layers[0].self_attn
         self.kv_caches = allocate_kv_cache(
             cfg.model.num_layers, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim,
@@ -88,35 +94,63 @@ class ModelRunner:
         # (a prompt chunk cut to one token by the token budget is not).
         decode = all(n == 1 and seq.num_computed + 1 == len(seq) for seq, n in batch)
         if self.graphs and decode and len(batch) <= max(self.graphs):
-            return [seq for seq, _ in batch], self._replay(batch)
-        hidden, last, to_sample = self._forward(batch)
-        if not last:
-            return [], hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        return to_sample, self.model.compute_logits(hidden[torch.tensor(last, device=self.device)])
-
-    @torch.inference_mode()
-    def run_all_logits(self, batch: Batch) -> torch.Tensor:
-        """Logits of every scheduled token, [num_tokens, vocab] float32 (perplexity, prompt logits)."""
-        hidden, _, _ = self._forward(batch)
-        return self.model.compute_logits(hidden)
-
-    def _forward(self, batch: Batch) -> tuple[torch.Tensor, list[int], list[Sequence]]:
-        """Pack, run the model; returns hidden states [num_tokens, hidden], the index of each finished
-        sequence's last token, and those sequences."""
-        last: list[int] = []
+            size = min(s for s in self.graphs if s >= len(batch))
+            host = self._pack(batch, size, size, self.max_blocks)
+            self._send(OP_GRAPH, size, size, self.max_blocks, host, [])
+            return [seq for seq, _ in batch], self._replay(size, host)[: len(batch)]
+        rows: list[int] = []
         to_sample: list[Sequence] = []
         count = 0
         for seq, n in batch:
             count += n
             if seq.num_computed + n == len(seq):
-                last.append(count - 1)
+                rows.append(count - 1)
                 to_sample.append(seq)
         # A fixed table width keeps the kernels' arguments the same whatever the lengths (no recompiles).
         width = max(self.max_blocks, *(len(seq.block_table) for seq, _ in batch))
         host = self._pack(batch, count, len(batch), width)
-        inputs = _views(host.to(self.device), count, len(batch), width)
-        meta = self._metadata(batch, inputs, num_splits=self._num_splits(len(batch)))
-        return self.model(inputs.ids, inputs.positions, meta), last, to_sample
+        self._send(OP_FORWARD, count, len(batch), width, host, rows)
+        return to_sample, self._execute(host, count, len(batch), width, rows)
+
+    @torch.inference_mode()
+    def run_all_logits(self, batch: Batch) -> torch.Tensor:
+        """Logits of every scheduled token, [num_tokens, vocab] float32 (perplexity, prompt logits)."""
+        count = sum(n for _, n in batch)
+        width = max(self.max_blocks, *(len(seq.block_table) for seq, _ in batch))
+        host = self._pack(batch, count, len(batch), width)
+        self._send(OP_ALL_LOGITS, count, len(batch), width, host, None)
+        return self._execute(host, count, len(batch), width, None)
+
+    def _send(self, op: int, tokens: int, seqs: int, width: int, host: torch.Tensor, rows: list[int] | None) -> None:
+        if self.channel is not None:
+            self.channel.send(op, tokens, seqs, width, host, rows)
+
+    @torch.inference_mode()
+    def serve(self, channel: StepChannel) -> None:
+        """A rank other than 0: run every step rank 0 sends, until it says stop. The logits are made here
+        too (the LM head gathers across ranks) and dropped: rank 0 samples."""
+        while True:
+            op, tokens, seqs, width, host, rows = channel.recv()
+            if op == OP_STOP:
+                return
+            if op == OP_GRAPH:
+                self._replay(tokens, host)
+            else:
+                self._execute(host, tokens, seqs, width, rows)
+
+    def _execute(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None) -> torch.Tensor:
+        """Run the model on one packed step; logits of the token rows `rows` (None: every token)."""
+        inputs = _views(host.to(self.device), tokens, seqs, width)
+        lens = host[3 * tokens : 3 * tokens + seqs].tolist()
+        starts = host[-(seqs + 1) :].tolist()
+        query_lens = [b - a for a, b in zip(starts, starts[1:])]
+        meta = self._metadata(lens, query_lens, inputs, num_splits=self._num_splits(seqs))
+        hidden = self.model(inputs.ids, inputs.positions, meta)
+        if rows is None:
+            return self.model.compute_logits(hidden)
+        if not rows:
+            return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
+        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
     def _pack(self, batch: Batch, tokens: int, seqs: int, width: int) -> torch.Tensor:
         """The host side of one step, as one int64 tensor laid out as `_views` reads it. Rows past the
@@ -145,13 +179,13 @@ class ModelRunner:
         return torch.tensor(data, dtype=torch.int64)
 
     def _metadata(
-        self, batch: Batch, inputs: _Inputs, num_splits: int, decode: bool | None = None
+        self, seq_lens: list[int], query_lens: list[int], inputs: _Inputs, num_splits: int,
+        decode: bool | None = None,
     ) -> AttentionMetadata:
-        query_lens = [n for _, n in batch]
         return AttentionMetadata(
             slot_mapping=inputs.slots,
             block_tables=inputs.tables,
-            seq_lens=[seq.num_computed + n for seq, n in batch],
+            seq_lens=seq_lens,
             query_lens=query_lens,
             kv_caches=self.kv_caches,
             seq_lens_t=inputs.seq_lens,
@@ -178,7 +212,7 @@ class ModelRunner:
         for size in reversed(graph_buckets(self.build.max_batch_size)):
             buf = self._pack([], size, size, self.max_blocks).to(self.device)
             inputs = _views(buf, size, size, self.max_blocks)
-            meta = self._metadata([], inputs, num_splits=self._num_splits(size), decode=True)
+            meta = self._metadata([], [], inputs, num_splits=self._num_splits(size), decode=True)
             meta.max_query_len = 1
             for _ in range(2):  # compile and autotune outside the capture
                 self.model.compute_logits(self.model(inputs.ids, inputs.positions, meta))
@@ -190,9 +224,9 @@ class ModelRunner:
             self.graphs[size] = _Graph(graph, buf, logits)
         torch.cuda.synchronize(self.device)
 
-    def _replay(self, batch: Batch) -> torch.Tensor:
-        size = min(s for s in self.graphs if s >= len(batch))
+    def _replay(self, size: int, host: torch.Tensor) -> torch.Tensor:
+        """Replay the graph of bucket `size` on packed inputs; its logits [size, vocab]."""
         g = self.graphs[size]
-        g.buf.copy_(self._pack(batch, size, size, self.max_blocks), non_blocking=True)
+        g.buf.copy_(host, non_blocking=True)
         g.graph.replay()
-        return g.logits[: len(batch)]
+        return g.logits
