@@ -10,10 +10,10 @@ import argparse
 import sys
 
 from kiln import __version__
-from kiln.cli import bench, build, convert, eval, quantize, quickstart, run, serve
+from kiln.cli import bench, build, convert, doctor, download, eval, quantize, quickstart, run, serve
 from kiln.errors import KilnError
 
-COMMANDS = (convert, quantize, build, run, serve, eval, bench, quickstart)
+COMMANDS = (download, convert, quantize, build, run, serve, eval, bench, quickstart, doctor)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -28,9 +28,20 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that load an engine: under torchrun or mpirun, every rank but 0 serves rank 0's steps.
+ENGINE_COMMANDS = ("run", "serve", "eval", "bench", "quickstart")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        place = _launched_rank()
+        if place is not None and place.rank != 0:
+            if args.command not in ENGINE_COMMANDS or getattr(args, "kind", None) == "serve":
+                return 0  # rank 0 does this command's work alone
+            from kiln.distributed.worker import run_worker
+
+            return run_worker(place)
         return int(args.func(args) or 0)
     except KilnError as e:
         print(f"kiln {args.command}: error: {e}", file=sys.stderr)
@@ -38,3 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"kiln {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _launched_rank():  # noqa: ANN202 - a Placement or None
+    """This process's place in a torchrun / mpirun launch (None when started alone)."""
+    import os
+
+    if not any(k in os.environ for k in ("KILN_TP_RANK", "RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return None  # (without importing torch: commands such as `kiln download` start faster)
+    from kiln.distributed.group import from_environment
+
+    place = from_environment()
+    return place if place is not None and place.world_size > 1 else None

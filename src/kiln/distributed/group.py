@@ -101,6 +101,13 @@ def from_environment(env: dict[str, str] | None = None) -> Placement | None:
                      launcher)
 
 
+def trace(message: str) -> None:
+    """Start-up stages of each rank, on stderr, when KILN_TP_DEBUG is set (for a group that will not start)."""
+    if os.environ.get("KILN_TP_DEBUG"):
+        rank = dist.get_rank() if dist.is_initialized() else os.environ.get("KILN_TP_RANK", "?")
+        print(f"[kiln tp rank {rank} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def timeout_s() -> float:
     value = os.environ.get("KILN_TP_TIMEOUT_S", "")
     try:
@@ -169,6 +176,7 @@ class Group:
     control: Any  # the gloo group of step messages
     channel: StepChannel
     workers: list[subprocess.Popen] = field(default_factory=list)  # rank 0 of a kiln-started group
+    nccl: bool = False  # the model's collectives run on GPUs
     closed: bool = False
 
     @property
@@ -201,6 +209,10 @@ class Group:
                     p.wait(max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     p.kill()
+        if self.nccl:
+            # Tearing down NCCL communicators that CUDA graphs captured can block for good (seen with
+            # torch 2.11): the process keeps its group until it ends, and holds one group at most.
+            return
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - leaving a broken group: the process ends next anyway
@@ -218,7 +230,13 @@ def join(place: Placement, device_kind: str, workers: list[subprocess.Popen] | N
         torch.cuda.set_device(device)
     else:  # the ranks share this host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // place.world_size))
+    if dist.is_initialized():
+        raise KilnError(
+            "this process already belongs to a tensor-parallel group (a multi-GPU engine was loaded before): "
+            "load one multi-rank engine per process, or close the earlier one first (LLM.close()) on the CPU"
+        )
     url = f"tcp://{place.master_addr}:{place.master_port}"
+    trace(f"joining {url} as rank {place.rank} of {place.world_size} on {device}")
     try:
         dist.init_process_group(_backend(device_kind), init_method=url, rank=place.rank,
                                 world_size=place.world_size, timeout=timedelta(seconds=timeout_s()))
@@ -228,8 +246,9 @@ def join(place: Placement, device_kind: str, workers: list[subprocess.Popen] | N
             f"rank {place.rank} of {place.world_size} could not join the group at {url} ({e}); check that every "
             f"rank was started and that MASTER_ADDR/MASTER_PORT are the same for all"
         ) from None
+    trace("joined")
     tp = TPGroup(place.rank, place.world_size, dist.group.WORLD)
-    return Group(place, tp, control, StepChannel(control), workers or []), device
+    return Group(place, tp, control, StepChannel(control), workers or [], device.startswith("cuda")), device
 
 
 def start(world_size: int, device_kind: str) -> tuple[Group, str]:

@@ -39,8 +39,11 @@ def run_worker(place: grp.Placement) -> int:
         if setup is None:  # rank 0 failed before it could say what to load; it reports why
             return 1
         device = grp.rank_device(setup.device_kind, place.local_rank)
+        grp.trace(f"loading {setup.source}")
         model, config = setup.source.load(device, group.tp)
+        grp.trace("loaded; preparing the runner")
         runner, _ = prepare_runner(model, config, device, setup.settings, group)
+        grp.trace("ready")
         runner.serve(group.channel)
     except KilnError as e:
         print(f"kiln: rank {rank}: error: {e}", file=sys.stderr, flush=True)
@@ -50,13 +53,11 @@ def run_worker(place: grp.Placement) -> int:
               "ended or stopped answering: see its messages", file=sys.stderr, flush=True)
         return 1
     group.closed = True
-    try:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - leaving anyway
-        pass
-    return 0
+    grp.trace("stopped")
+    # Leave at once: rank 0 is done with the group, and tearing down NCCL communicators can block.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _guess_kind() -> str:

@@ -135,6 +135,7 @@ class LLM:
             kind = "cuda" if device.startswith("cuda") else "cpu"
             self.group, device = grp.start(source.tp_size, kind)
             self.group.broadcast_object(WorkerSetup(source, kind, settings))
+            grp.trace(f"loading {source}")
         model, config = source.load(device, self.group.tp if self.group else SINGLE)
         self._setup(model, config, device, tokenizer, settings, prefix_caching)
 
@@ -145,6 +146,10 @@ class LLM:
         self.device, self.model, self.config, self.tokenizer = device, model, config, tokenizer
         self.group = getattr(self, "group", None)
         self.runner, blocks = prepare_runner(model, config, device, settings, self.group)
+        if self.group is not None:
+            from kiln.distributed.group import trace
+
+            trace("ready")
         self.blocks = BlockManager(blocks, config.build.tokens_per_block, prefix_caching)
         self.scheduler = Scheduler(config.build, self.blocks)
 

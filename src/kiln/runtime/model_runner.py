@@ -24,7 +24,7 @@ import torch
 
 from kiln.builder.engine_file import EngineConfig
 from kiln.checkpoint.format import torch_dtype
-from kiln.distributed.group import OP_ALL_LOGITS, OP_FORWARD, OP_GRAPH, OP_STOP, StepChannel
+from kiln.distributed.group import OP_ALL_LOGITS, OP_FORWARD, OP_GRAPH, OP_STOP, StepChannel, trace
 from kiln.kernels import use_triton
 from kiln.layers.attention import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
@@ -214,6 +214,7 @@ class ModelRunner:
             inputs = _views(buf, size, size, self.max_blocks)
             meta = self._metadata([], [], inputs, num_splits=self._num_splits(size), decode=True)
             meta.max_query_len = 1
+            trace(f"capturing the decode graph of batch size {size}")
             for _ in range(2):  # compile and autotune outside the capture
                 self.model.compute_logits(self.model(inputs.ids, inputs.positions, meta))
             torch.cuda.synchronize(self.device)
