@@ -247,7 +247,12 @@ def join(place: Placement, device_kind: str, workers: list[subprocess.Popen] | N
             f"rank was started and that MASTER_ADDR/MASTER_PORT are the same for all"
         ) from None
     trace("joined")
-    tp = TPGroup(place.rank, place.world_size, dist.group.WORLD)
+    fast = None
+    if device.startswith("cuda"):
+        from kiln.distributed.symm import make
+
+        fast = make(dist.group.WORLD, device, place.rank)
+    tp = TPGroup(place.rank, place.world_size, dist.group.WORLD, fast)
     return Group(place, tp, control, StepChannel(control), workers or [], device.startswith("cuda")), device
 
 
