@@ -29,8 +29,10 @@ def build_engine(
     build: BuildConfig,
     device: str = "cpu",
     flags: dict[str, Any] | None = None,
+    workers: int = 1,
 ) -> EngineConfig:
-    """Build an engine for `device` from a kiln checkpoint; returns the engine's config."""
+    """Build an engine for `device` from a kiln checkpoint; returns the engine's config. `workers` ranks
+    are fused at once (threads: the work is tensor copies and file writes, which release the GIL)."""
     ckpt_dir = require_dir(checkpoint_dir, "--checkpoint_dir")
     require_distinct(ckpt_dir, output_dir, "--checkpoint_dir")
     ckpt = load_config(ckpt_dir)
@@ -59,10 +61,19 @@ def build_engine(
         versions=current_versions(),
         tuning=tuning,
     )
+    def build_rank(rank: int, folder: Path) -> None:
+        tensors = _fuse_rank(ckpt_dir, ckpt, rank)
+        save_file(tensors, str(folder / f"rank{rank}.safetensors"), metadata={"format": "pt"})
+
     with atomic_dir(output_dir) as tmp:
-        for rank in range(ckpt.tp_size):
-            tensors = _fuse_rank(ckpt_dir, ckpt, rank)
-            save_file(tensors, str(tmp / f"rank{rank}.safetensors"), metadata={"format": "pt"})
+        if workers > 1 and ckpt.tp_size > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(workers, ckpt.tp_size), thread_name_prefix="kiln-build") as pool:
+                list(pool.map(lambda r: build_rank(r, tmp), range(ckpt.tp_size)))  # re-raises a rank's error
+        else:
+            for rank in range(ckpt.tp_size):
+                build_rank(rank, tmp)
         save_engine_config(tmp, cfg)
     return cfg
 

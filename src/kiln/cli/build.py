@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     limits.add_argument("--tokens_per_block", type=positive_int, default=64, help="tokens per KV-cache block (default 64)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible, else cpu)")
-    p.add_argument("--workers", type=positive_int, default=1, help="ranks built in parallel; kiln builds ranks one by one now")
+    p.add_argument("--workers", type=positive_int, default=1, help="ranks of a tensor-parallel checkpoint built in parallel (default 1)")
     compat = p.add_argument_group("TensorRT-LLM flags accepted for compatibility")
     for flag, (default, text) in _COMPAT_SWITCHES.items():
         add_switch(compat, flag, default, text)
@@ -88,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
     flags = {f.lstrip("-"): getattr(args, f.lstrip("-")) for f in (*_COMPAT_SWITCHES, *_COMPAT_CHOICES)}
     flags["workers"] = args.workers
     device = args.device or default_device()
-    cfg = build_engine(args.checkpoint_dir, args.output_dir, build, device, flags)
+    cfg = build_engine(args.checkpoint_dir, args.output_dir, build, device, flags, workers=args.workers)
     print(
         f"engine written to {args.output_dir} for {cfg.device['name']} ({device}) in "
         f"{time.perf_counter() - start:.1f} s: max_batch_size {build.max_batch_size}, max_input_len "
