@@ -138,11 +138,18 @@ _HEADER = 6  # op, tokens, seqs, width, number of sampled rows (-1: all), data l
 
 
 class StepChannel:
-    """Rank 0 -> every rank: one step's packed host inputs (see runtime/model_runner.py)."""
+    """Rank 0 -> every rank: one step's packed host inputs (see runtime/model_runner.py).
+
+    One broadcast of a fixed-size buffer carries the header and, for every decode step and most
+    prefill steps, all of the data; only a larger step sends the rest in a second broadcast. (Each
+    broadcast is a round of messages the other ranks wait for before they can launch their step.)
+    """
+
+    INLINE = 4096  # int64 values carried with the header: a decode step of ~800 sequences at width 1
 
     def __init__(self, group: Any):
         self.group = group
-        self.header = torch.zeros(_HEADER, dtype=torch.int64)
+        self.buf = torch.zeros(_HEADER + self.INLINE, dtype=torch.int64)
 
     def send(self, op: int, tokens: int, seqs: int, width: int, host: torch.Tensor | None,
              rows: list[int] | None) -> None:
@@ -150,17 +157,24 @@ class StepChannel:
         if rows:
             data = torch.cat([data, torch.tensor(rows, dtype=torch.int64)])
         n_rows = -1 if rows is None else len(rows)
-        self.header.copy_(torch.tensor([op, tokens, seqs, width, n_rows, data.numel()]))
-        dist.broadcast(self.header, src=0, group=self.group)
-        if data.numel():
-            dist.broadcast(data, src=0, group=self.group)
+        n = data.numel()
+        self.buf[:_HEADER] = torch.tensor([op, tokens, seqs, width, n_rows, n])
+        inline = min(n, self.INLINE)
+        self.buf[_HEADER : _HEADER + inline] = data[:inline]
+        dist.broadcast(self.buf, src=0, group=self.group)
+        if n > inline:
+            dist.broadcast(data[inline:].contiguous(), src=0, group=self.group)
 
     def recv(self) -> tuple[int, int, int, int, torch.Tensor, list[int] | None]:
-        dist.broadcast(self.header, src=0, group=self.group)
-        op, tokens, seqs, width, n_rows, n_data = self.header.tolist()
-        data = torch.empty(n_data, dtype=torch.int64)
-        if n_data:
-            dist.broadcast(data, src=0, group=self.group)
+        dist.broadcast(self.buf, src=0, group=self.group)
+        op, tokens, seqs, width, n_rows, n = self.buf[:_HEADER].tolist()
+        inline = min(n, self.INLINE)
+        data = torch.empty(n, dtype=torch.int64)
+        data[:inline] = self.buf[_HEADER : _HEADER + inline]
+        if n > inline:
+            rest = torch.empty(n - inline, dtype=torch.int64)
+            dist.broadcast(rest, src=0, group=self.group)
+            data[inline:] = rest
         if n_rows <= 0:
             return op, tokens, seqs, width, data, (None if n_rows < 0 else [])
         return op, tokens, seqs, width, data[:-n_rows], data[-n_rows:].tolist()
