@@ -32,7 +32,8 @@ def build_engine(
     workers: int = 1,
 ) -> EngineConfig:
     """Build an engine for `device` from a kiln checkpoint; returns the engine's config. `workers` ranks
-    are fused at once (threads: the work is tensor copies and file writes, which release the GIL)."""
+    are fused at once, each in a process of its own (building a model sets torch's default dtype, a
+    setting of the whole process, so threads would mix up their ranks' dtypes)."""
     ckpt_dir = require_dir(checkpoint_dir, "--checkpoint_dir")
     require_distinct(ckpt_dir, output_dir, "--checkpoint_dir")
     ckpt = load_config(ckpt_dir)
@@ -61,19 +62,18 @@ def build_engine(
         versions=current_versions(),
         tuning=tuning,
     )
-    def build_rank(rank: int, folder: Path) -> None:
-        tensors = _fuse_rank(ckpt_dir, ckpt, rank)
-        save_file(tensors, str(folder / f"rank{rank}.safetensors"), metadata={"format": "pt"})
-
     with atomic_dir(output_dir) as tmp:
         if workers > 1 and ckpt.tp_size > 1:
-            from concurrent.futures import ThreadPoolExecutor
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
-            with ThreadPoolExecutor(min(workers, ckpt.tp_size), thread_name_prefix="kiln-build") as pool:
-                list(pool.map(lambda r: build_rank(r, tmp), range(ckpt.tp_size)))  # re-raises a rank's error
+            with ProcessPoolExecutor(min(workers, ckpt.tp_size), mp_context=mp.get_context("spawn")) as pool:
+                jobs = [pool.submit(_build_rank, ckpt_dir, ckpt, rank, tmp) for rank in range(ckpt.tp_size)]
+                for job in jobs:
+                    job.result()  # re-raises a rank's error (a KilnError reaches the user as one line)
         else:
             for rank in range(ckpt.tp_size):
-                build_rank(rank, tmp)
+                _build_rank(ckpt_dir, ckpt, rank, tmp)
         save_engine_config(tmp, cfg)
     return cfg
 
@@ -88,6 +88,11 @@ def check_gpu_limits(build: BuildConfig, head_dim: int) -> None:
         )
     if head_dim > 256:
         raise KilnError(f"the model's head_dim {head_dim} is above 256, the largest the GPU attention kernels take")
+
+
+def _build_rank(ckpt_dir: Path, ckpt: CheckpointConfig, rank: int, folder: Path) -> None:
+    tensors = _fuse_rank(ckpt_dir, ckpt, rank)
+    save_file(tensors, str(folder / f"rank{rank}.safetensors"), metadata={"format": "pt"})
 
 
 def _fuse_rank(ckpt_dir: Path, ckpt: CheckpointConfig, rank: int) -> dict[str, torch.Tensor]:

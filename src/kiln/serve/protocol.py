@@ -8,8 +8,10 @@ Bounds are the documented OpenAI ones where they exist, and otherwise the range 
 stays finite (a temperature or a repetition penalty far outside them would overflow float32 logits
 into NaN, which no request may do to an engine shared by every client). Limits that depend on the
 engine (prompt length, max_tokens) are checked per request in openai_api.py, with both numbers named.
-Fields other servers accept and kiln does not implement are declared too, so that using them gets a
-clear 400 instead of being silently ignored.
+Fields other servers accept and kiln does not implement are declared too, where a value would change
+the answer (asking for them gets a clear 400); fields no model here declares (a client's extras) are
+accepted and ignored, as vLLM does, so that clients sending a newer API's fields keep working
+(docs/trtllm-mapping.md lists which).
 """
 
 from __future__ import annotations
