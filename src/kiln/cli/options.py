@@ -23,6 +23,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(_number(text, int))
+    _at_least(value, 0, "0 or more")
+    return value
+
+
 def seed_int(text: str) -> int:
     """A random seed: any integer that fits in 64 bits (what torch.Generator.manual_seed takes)."""
     value = int(_number(text, int))

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kiln.cli.options import positive_int
+from kiln.cli.options import non_negative_int, positive_int
 from kiln.errors import KilnError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="share of the free GPU memory the KV cache takes (default 0.9)")
     p.add_argument("--max_tokens_in_paged_kv_cache", type=positive_int, default=None,
                    help="size the KV cache in tokens instead")
+    p.add_argument("--max_queue_size", type=non_negative_int, default=2048,
+                   help="requests that may wait beyond the engine's max_batch_size running; more get HTTP 429 "
+                   "with Retry-After (default 2048)")
     caching = p.add_mutually_exclusive_group()
     caching.add_argument("--enable_prefix_caching", dest="enable_prefix_caching", action="store_true",
                          default=True, help="reuse the KV blocks of shared prompt prefixes (the default)")
@@ -132,7 +135,7 @@ def serve(args: argparse.Namespace, sock: socket.socket, name: str) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)-9s %(name)s: %(message)s")
     engine = start_engine(args)
     try:
-        app = create_app(engine, name, api_key=args.api_key)
+        app = create_app(engine, name, api_key=args.api_key, max_queue_size=args.max_queue_size)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         print(f"[kiln] serving {name!r} on {device_of(args)} at {url} (OpenAI: {url}/v1, KServe v2: {url}/v2, "

@@ -33,9 +33,11 @@ from kiln.serve.protocol import ApiError, ErrorResponse
 log = logging.getLogger("kiln.serve")
 
 
-def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = None,
+               max_queue_size: int | None = None) -> FastAPI:
     """The app serving `engine` as `served_model_name`; with `api_key`, every route but the health
-    probes wants `Authorization: Bearer KEY`."""
+    probes wants `Authorization: Bearer KEY`; with `max_queue_size`, requests beyond the engine's
+    max_batch_size running plus that many waiting are refused with 429."""
     if not served_model_name:
         raise KilnError("the served model name is empty: give --served_model_name NAME")
     if engine.llm.tokenizer is None:
@@ -43,7 +45,8 @@ def create_app(engine: AsyncLLM, served_model_name: str, api_key: str | None = N
                         "tokenizer_dir (--tokenizer_dir)")
     app = FastAPI(title="kiln", version=__version__, summary="OpenAI and KServe v2 APIs of a kiln engine",
                   responses={401: {"model": ErrorResponse, "description": "missing or wrong API key"}})
-    app.state.kiln = ServerState(engine, served_model_name, Metrics(engine, served_model_name))
+    app.state.kiln = ServerState(engine, served_model_name, Metrics(engine, served_model_name),
+                                 max_queue_size=max_queue_size)
     app.include_router(openai_api.router)
     app.include_router(kserve.router)
     _add_common_routes(app)
@@ -75,11 +78,12 @@ def _add_common_routes(app: FastAPI) -> None:
 def error_response(request: Request, status: int, message: str, param: str | None = None,
                    code: str | None = None) -> JSONResponse:
     """An error in the shape of the route's protocol: KServe under /v2, OpenAI elsewhere."""
+    headers = {"Retry-After": "1"} if status == 429 else None  # at capacity: clients retry after a second
     if request.url.path.startswith("/v2"):
-        return JSONResponse({"error": message}, status_code=status)
-    kind = "invalid_request_error" if status < 500 else "server_error"
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+    kind = "server_error" if status >= 500 else "rate_limit_error" if status == 429 else "invalid_request_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 def _count_rejection(request: Request) -> None:

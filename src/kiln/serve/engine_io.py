@@ -38,6 +38,8 @@ class ServerState:
     model_name: str
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
+    max_queue_size: int | None = None  # requests waiting beyond the engine's max_batch_size; None: no bound
+    open_requests: int = 0  # requests the engine is running or holding (event-loop side)
 
     @property
     def llm(self) -> Any:
@@ -54,9 +56,31 @@ class ServerState:
             ids.add(self.llm.default_end_id)
         return ids
 
+    def admit(self, count: int) -> None:
+        """Refuse (429) `count` more requests when the engine's batch and its waiting room are full, so that
+        an overloaded server answers at once instead of queueing without bound."""
+        if self.max_queue_size is None:
+            return
+        room = self.llm.config.build.max_batch_size + self.max_queue_size
+        if self.open_requests + count > room:
+            raise ApiError(
+                429, f"the server is at capacity: {self.open_requests} requests are running or waiting, the most "
+                f"it holds is max_batch_size {self.llm.config.build.max_batch_size} + max_queue_size "
+                f"{self.max_queue_size}: retry shortly (or start the server with a larger --max_queue_size)",
+                None, "server_overloaded")
+
     def generate(self, ids: list[int], params: SamplingParams, arrival: float) -> AsyncIterator[Output]:
-        """One request's outputs, counted in the metrics."""
-        return self.metrics.track(self.engine.generate(ids, params), len(ids), arrival)
+        """One request's outputs, counted in the metrics and in `open_requests` while it runs."""
+        return self._counted(self.metrics.track(self.engine.generate(ids, params), len(ids), arrival))
+
+    async def _counted(self, outputs: AsyncIterator[Output]) -> AsyncIterator[Output]:
+        self.open_requests += 1  # when it starts: a request refused before it runs is never counted
+        try:
+            async with aclosing(outputs):
+                async for out in outputs:
+                    yield out
+        finally:
+            self.open_requests -= 1
 
 
 def get_state(request: Request) -> ServerState:

@@ -144,6 +144,7 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
     state = get_state(request)
     resolve(state, name)
     ids, params = _prepare(state, body)
+    state.admit(1)
     results = await run_to_end(request, [lambda: state.generate(ids, params, arrival)])
     if results is None:
         return Response(status_code=499)  # the client went
@@ -159,6 +160,7 @@ async def generate_stream(name: str, body: GenerateRequest, request: Request) ->
     state = get_state(request)
     resolve(state, name)
     ids, params = _prepare(state, body)
+    state.admit(1)
     return sse_response(_events(name, body, lambda: state.generate(ids, params, arrival)))
 
 
