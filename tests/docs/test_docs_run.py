@@ -1,8 +1,17 @@
 """Every command line of the user docs, run as written, on a tiny model: the docs cannot rot.
 
 The pages (`pages()`, run in this order in one working folder: later pages use the folders that earlier
-ones make): README.md, docs/getting-started.md, docs/commands/*.md in `kiln --help` order, and
-docs/trtllm-mapping.md. Running one page's test runs the pages before it first.
+ones make): docs/getting-started.md, docs/multi-gpu.md, README.md, docs/quantization.md, docs/gpu.md,
+docs/serving.md, docs/docker.md, docs/commands/*.md in `kiln --help` order, and docs/trtllm-mapping.md.
+Running one page's test runs the pages before it first. docs/architecture.md and docs/formats.md show
+no commands.
+
+No command line hides outside a ```bash block (`test_no_command_line_outside_bash_blocks`, over
+README.md and every docs/**/*.md): a line whose program (after a `$ ` prompt, `sudo` or `VAR=value`
+words) is one of COMMAND_PROGRAMS fails the test when it is in an indented code block (4 spaces or
+more, list items' included) or in any fenced block but ```bash. ```text blocks are for output; the one
+exception is the synopsis under `## Usage` in docs/commands/, generated from the parser (placeholders,
+not a command). A page with a ```bash block must be one of `pages()`.
 
 What is run:
 - every line of a ```bash block, a trailing `\\` joining it to the next; `# ...` is a comment;
@@ -25,7 +34,8 @@ that the pages' flags are real flags of real commands):
   every step of the workflow, tensor parallelism over 2 ranks included, runs in seconds;
 - `--device cpu` on every kiln command that has `--device`, so that the ranks of a 2-rank engine run
   as processes on one machine, as they do in CI;
-- SHRINK: the calibration of `kiln quantize` and `kiln run`'s `--max_output_len` made small;
+- SHRINK: the calibration of `kiln quantize`, `kiln run`'s `--max_output_len` and the load of
+  `kiln bench serve` made small;
 - port 8000 (`kiln serve`'s default, and in URLs) becomes a free port;
 - `$(which kiln)` becomes the path of this environment's kiln script.
 """
@@ -56,6 +66,7 @@ REPOS = ("mistralai/Mistral-7B-v0.3", "mistralai/Mistral-Nemo-Instruct-2407")
 SHRINK = {  # command -> {flag: the value used here, where the page gives a larger one or none}
     "quantize": {"--calib_size": "16", "--calib_max_seq_length": "64"},
     "run": {"--max_output_len": "32"},
+    "bench serve": {"--num_requests": "16", "--output_len": "16"},
 }
 DOC_PORT = "8000"
 EXPECT = {  # what each command prints when it has done its work
@@ -74,6 +85,7 @@ EXPECT = {  # what each command prints when it has done its work
 }
 WRITES = {"download": "config.json", "convert": "config.json", "quantize": "config.json", "build": "engine.json"}
 SHELL_FENCES = ("sh", "shell", "console", "zsh")
+COMMAND_PROGRAMS = ("kiln", "mpirun", "torchrun", "curl", "docker", "python", "python3")
 NOT_RUN = re.compile(r"(?:^|\s)#\s*not run:(.*)$")
 TIMEOUT_S = 300
 
@@ -95,8 +107,16 @@ class Step:
 
 
 def pages() -> list[Path]:
-    cmds = [REPO / "docs" / "commands" / c.filename for c in command_docs().commands()]
-    return [REPO / "README.md", REPO / "docs" / "getting-started.md", *cmds, REPO / "docs" / "trtllm-mapping.md"]
+    docs = REPO / "docs"
+    cmds = [docs / "commands" / c.filename for c in command_docs().commands()]
+    guides = [docs / f"{name}.md" for name in ("quantization", "gpu", "serving", "docker")]
+    return [docs / "getting-started.md", docs / "multi-gpu.md", REPO / "README.md", *guides, *cmds,
+            docs / "trtllm-mapping.md"]
+
+
+def doc_files() -> list[Path]:
+    """Every page of the user docs, whether or not it shows commands."""
+    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 
 def page_id(path: Path) -> str:
@@ -166,6 +186,38 @@ def _bash_steps(name: str, first: int, body: list[str]) -> list[Step]:
         text = ""
     assert not text, f"{name}:{start}: the block's last line ends in `\\`"
     return out
+
+
+def stray_command_lines(path: Path) -> list[str]:
+    """'page:line: text' for each command line outside a ```bash block (the rule of the module docstring)."""
+    name, found = page_id(path), []
+    fence: str | None = None
+    heading = ""
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if fence is None:
+            opening = re.match(r"^\s*```(\S*)\s*$", line)
+            if opening:
+                fence = opening[1].lower()
+                continue
+            if line.startswith("#"):
+                heading = line.strip()
+            code = re.match(r"^( {4,}|\t)", line) is not None
+        elif line.strip() == "```":
+            fence = None
+            continue
+        else:
+            synopsis = fence == "text" and heading == "## Usage" and path.parent.name == "commands"
+            code = fence != "bash" and not synopsis
+        if code and is_command_line(line):
+            found.append(f"{name}:{n}: {line.strip()}")
+    return found
+
+
+def is_command_line(line: str) -> bool:
+    words = line.strip().removeprefix("$ ").split()
+    while words and (words[0] == "sudo" or re.match(r"^[A-Za-z_]\w*=", words[0])):
+        words = words[1:]
+    return bool(words) and words[0] in COMMAND_PROGRAMS
 
 
 def argv_of(step: Step, kiln: str) -> list[str]:
@@ -504,6 +556,35 @@ def test_every_line_is_known_or_marked():
                     parser.parse_args(words[len(name.split()) + 1:])  # the page's own flags, unchanged
                 count += 1
     assert count >= 20
+
+
+def test_no_command_line_outside_bash_blocks():
+    """An indented or ```text command line would never run: every one is in a ```bash block of a page
+    of `pages()`, and runs or says why it cannot."""
+    listed = {page_id(p) for p in pages()}
+    problems = [line for path in doc_files() for line in stray_command_lines(path)]
+    problems += [f"{page_id(path)}: has ```bash blocks but is not in pages(): add it there"
+                 for path in doc_files() if page_id(path) not in listed
+                 and any(lang == "bash" for lang, *_ in fenced_blocks(path.read_text()))]
+    assert not problems, "command lines that the docs test does not run: put each in a ```bash block " \
+                         "(with `# not run: REASON` where it cannot run here)\n" + "\n".join(problems)
+
+
+def test_stray_command_lines_are_found(tmp_path: Path):
+    page = tmp_path / "commands" / "page.md"
+    page.parent.mkdir()
+    page.write_text(
+        "# A page\n\n    kiln doctor\n\n- a list:\n\n       sudo curl -s https://example.com\n\n"
+        "  kiln serve is named in prose\n\n```text\nOutput [Text 0 Beam 0]: hi\n$ mpirun -n 2 kiln run\n```\n\n"
+        "```bash\nkiln run --engine_dir e\n    --tokenizer_dir t\n```\n\n```python\nimport kiln\n```\n\n"
+        "```console\nKILN_HOME=/tmp python3 -m kiln\n```\n\n## Usage\n\n```text\nkiln run --engine_dir ENGINE_DIR\n```\n"
+    )
+    assert stray_command_lines(page) == [f"{page}:3: kiln doctor", f"{page}:7: sudo curl -s https://example.com",
+                                         f"{page}:13: $ mpirun -n 2 kiln run",
+                                         f"{page}:26: KILN_HOME=/tmp python3 -m kiln"]
+    other = tmp_path / "README.md"  # the synopsis exception is docs/commands/'s only
+    other.write_text("## Usage\n\n```text\nkiln run --engine_dir ENGINE_DIR\n```\n")
+    assert stray_command_lines(other) == [f"{other}:4: kiln run --engine_dir ENGINE_DIR"]
 
 
 def test_every_command_page_has_an_example_that_runs():

@@ -88,11 +88,11 @@ def test_decode_graph_only_for_sequences_at_their_last_token(hf_model):
     llm = hf_model("llama3").llm(tokens_per_block=16)
     replayed = []
     llm.runner.graphs = {4: None}  # as if captured; _replay is replaced below
-    llm.runner._replay = lambda batch: replayed.append(len(batch)) or torch.zeros(len(batch), 160)
+    llm.runner._replay = lambda size, host: replayed.append(size) or torch.zeros(size, 160)
     seq = Sequence(token_ids(3, 6), SamplingParams(max_tokens=2))
     llm.blocks.grow(seq, 8)
     sampled, _ = llm.runner.run([(seq, 1)])  # position 0 of a 6-token prompt
     assert replayed == [] and sampled == []
     seq.num_computed = 5
     sampled, logits = llm.runner.run([(seq, 1)])  # the prompt's last token: a decode-shaped step
-    assert replayed == [1] and sampled == [seq] and logits.shape == (1, 160)
+    assert replayed == [4] and sampled == [seq] and logits.shape == (1, 160)  # bucket 4, one row used
