@@ -21,6 +21,7 @@ from kiln.quant.methods import QuantConfig
 from kiln.runtime.async_engine import AsyncLLM
 from kiln.runtime.engine import LLM
 from kiln.runtime.engine_process import EngineSpec, ProcessAsyncLLM
+from kiln.runtime.loader import ModelSource
 from kiln.serve.app import create_app
 
 
@@ -52,7 +53,8 @@ def main() -> None:
         model, cfg = synthetic_model(args.synthetic, build, device, args.dtype, quant)
         engine = AsyncLLM(LLM.from_model(model, cfg, device, tokenizer=tokenizer))
     else:
-        spec = EngineSpec(device, synthetic=args.synthetic, build=build, qformat=args.qformat, dtype=args.dtype)
+        spec = EngineSpec(device, ModelSource(synthetic=args.synthetic, build=build, qformat=args.qformat,
+                                             dtype=args.dtype))
         engine = ProcessAsyncLLM(spec, tokenizer=tokenizer)
     app = create_app(engine, args.synthetic)
     try:

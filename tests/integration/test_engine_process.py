@@ -17,6 +17,7 @@ from kiln.errors import KilnError
 from kiln.runtime.async_engine import EngineDead
 from kiln.runtime.engine import LLM
 from kiln.runtime.engine_process import EngineSpec, ProcessAsyncLLM
+from kiln.runtime.loader import ModelSource
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [5, 6, 7, 8, 9, 40, 41]]
 
@@ -39,7 +40,7 @@ async def collect(engine: ProcessAsyncLLM, prompt: list[int], params: SamplingPa
 def test_process_engine_matches_the_in_process_one_and_dies_clearly(engine_dir: Path) -> None:
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     expected = [o.output_ids for o in LLM(engine_dir, device="cpu").generate(PROMPTS, params)]
-    engine = ProcessAsyncLLM(EngineSpec("cpu", engine_dir=str(engine_dir)))
+    engine = ProcessAsyncLLM(EngineSpec("cpu", ModelSource(engine_dir=str(engine_dir))))
     try:
         assert engine.alive and engine.llm.config.build.max_seq_len == 64
 

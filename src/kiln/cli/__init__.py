@@ -53,11 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launched_rank():  # noqa: ANN202 - a Placement or None
     """This process's place in a torchrun / mpirun launch (None when started alone)."""
-    import os
-
-    if not any(k in os.environ for k in ("KILN_TP_RANK", "RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
-        return None  # (without importing torch: commands such as `kiln download` start faster)
-    from kiln.distributed.group import from_environment
+    from kiln.distributed.launch import from_environment
 
     place = from_environment()
     return place if place is not None and place.world_size > 1 else None

@@ -166,7 +166,8 @@ def start_engine(args: argparse.Namespace):  # noqa: ANN201 - AsyncLLM or Proces
     use_process = args.engine_process if args.engine_process is not None else device.startswith("cuda")
     if use_process:
         from kiln.runtime.engine_process import EngineSpec, ProcessAsyncLLM
+        from kiln.runtime.loader import ModelSource
 
-        return ProcessAsyncLLM(EngineSpec(device, engine_dir=str(args.engine_dir), llm_kwargs=kwargs),
+        return ProcessAsyncLLM(EngineSpec(device, ModelSource(engine_dir=str(args.engine_dir)), kwargs),
                                args.tokenizer_dir)
     return AsyncLLM(LLM(args.engine_dir, args.tokenizer_dir, device=device, **kwargs))

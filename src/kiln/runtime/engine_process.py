@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.config import BuildConfig
 from kiln.errors import KilnError
 from kiln.runtime.async_engine import (
     AsyncLLM,
@@ -41,20 +40,14 @@ START_TIMEOUT_S = 900.0  # loading, tuning and graph capture of a large model
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """How the child builds its LLM: an engine folder, or a synthetic model (benchmarks)."""
+    """How the child builds its LLM: where the model comes from, the device, and LLM's keyword arguments."""
 
     device: str
-    engine_dir: str | None = None
-    synthetic: str | None = None
-    build: BuildConfig | None = None
-    qformat: str = "full_prec"
-    dtype: str = "bfloat16"
-    tp_size: int = 1  # ranks of a synthetic model (an engine folder says its own)
+    source: ModelSource
     llm_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def create(self) -> LLM:
-        source = ModelSource(self.engine_dir, self.synthetic, self.build, self.qformat, self.dtype, self.tp_size)
-        return LLM.from_source(source, self.device, **self.llm_kwargs)
+        return LLM.from_source(self.source, self.device, **self.llm_kwargs)
 
 
 class _Counts:

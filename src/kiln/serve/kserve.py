@@ -144,7 +144,6 @@ async def generate(name: str, body: GenerateRequest, request: Request) -> Respon
     state = get_state(request)
     resolve(state, name)
     ids, params = _prepare(state, body)
-    state.admit(1)
     results = await run_to_end(request, [lambda: state.generate(ids, params, arrival)])
     if results is None:
         return Response(status_code=499)  # the client went
@@ -160,7 +159,6 @@ async def generate_stream(name: str, body: GenerateRequest, request: Request) ->
     state = get_state(request)
     resolve(state, name)
     ids, params = _prepare(state, body)
-    state.admit(1)
     return sse_response(_events(name, body, lambda: state.generate(ids, params, arrival)))
 
 
@@ -223,6 +221,7 @@ def _prepare(state: ServerState, body: GenerateRequest) -> tuple[list[int], Any]
         raise ApiError(400, f"end_id {body.end_id} is outside the vocabulary "
                        f"(0..{state.llm.config.model.vocab_size - 1})")
     check_with_engine(state, ids, params, "text_input", _FIELDS)
+    state.admit(1)  # last: a request refused for its content is a 400, not a 429
     return ids, params
 
 

@@ -92,7 +92,6 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     params = [_params(state, body, ids, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens",
                       body.logprobs, name) for ids, name in zip(prompts, names)]
     jobs = _jobs(state, prompts, params, body.n, arrival)
-    state.admit(len(jobs))
     answer = _answer(state, body, False, [len(p) for p in prompts], body.logprobs is not None)
     return await _respond(request, body.stream, answer, jobs)
 
@@ -117,7 +116,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = [_params(state, body, ids, requested, None, field, logprobs, "messages")]
     jobs = _jobs(state, [ids], params, body.n, arrival)
-    state.admit(len(jobs))
     return await _respond(request, body.stream, _answer(state, body, True, [len(ids)], body.logprobs), jobs)
 
 
@@ -233,4 +231,5 @@ def _jobs(state: ServerState, prompts: list[list[int]], params: list[SamplingPar
         for i in range(n):
             choice = p if p.seed is None else dataclasses.replace(p, seed=p.seed + i)
             jobs.append(partial(state.generate, ids, choice, arrival))
+    state.admit(len(jobs))  # every choice is a request the engine holds
     return jobs
