@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,12 +25,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def engine_dir(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def engine_dir(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     tmp = tmp_path_factory.mktemp("smollm2")
     convert_hf(smollm2_hf, tmp / "ckpt", "float32")
     build_engine(tmp / "ckpt", tmp / "engine", BuildConfig(max_batch_size=3, max_input_len=64, max_seq_len=128,
                                                            max_num_tokens=256, tokens_per_block=16))
-    return tmp / "engine"
+    shutil.rmtree(tmp / "ckpt")  # half a GB each in float32: the suite keeps its disk use small
+    yield tmp / "engine"
+    shutil.rmtree(tmp)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ int4_wo g64 29.83.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,10 @@ def perplexities(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         req = QuantizeRequest(model_dir=smollm2_hf, output_dir=tmp / name, qformat=name, dtype="float32",
                               device="cpu", **extra)
         ckpts[name] = quantize(req)
-    return evaluate_checkpoints(ckpts, smollm2_hf, "kjv", EVAL_TOKENS, "cpu")
+    try:
+        return evaluate_checkpoints(ckpts, smollm2_hf, "kjv", EVAL_TOKENS, "cpu")
+    finally:
+        shutil.rmtree(tmp)  # four checkpoints, about a GB
 
 
 def test_full_precision_is_a_sane_language_model(perplexities: dict[str, float]) -> None:

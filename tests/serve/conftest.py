@@ -8,6 +8,7 @@ each other. Requests in the tests ask for few tokens, so that the whole folder r
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -39,13 +40,15 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def serve_engine_dir(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def serve_engine_dir(smollm2_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     tmp = tmp_path_factory.mktemp("serve")
     convert_hf(smollm2_hf, tmp / "ckpt", "float32")
     build = BuildConfig(max_batch_size=64, max_input_len=MAX_INPUT_LEN, max_seq_len=MAX_SEQ_LEN,
                         max_num_tokens=1024, tokens_per_block=16)
     build_engine(tmp / "ckpt", tmp / "engine", build)
-    return tmp / "engine"
+    shutil.rmtree(tmp / "ckpt")
+    yield tmp / "engine"
+    shutil.rmtree(tmp)
 
 
 @pytest.fixture(scope="session")
