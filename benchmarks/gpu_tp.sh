@@ -2,7 +2,8 @@
 # Tensor parallelism on two GPUs: the GPU tests of tests/gpu/test_tp_gpu.py, the all-reduce time per
 # step, and tp 1 vs tp 2 latency and throughput on synthetic Mistral-Nemo-12B shapes (bf16).
 #   bash benchmarks/gpu_tp.sh                 # everything
-#   PARTS="latency" bash benchmarks/gpu_tp.sh # some of: tests allreduce latency throughput
+#   PARTS="latency" bash benchmarks/gpu_tp.sh # some of: tests allreduce latency throughput trace channel
+# trace: batch-1 decode with KILN_STEP_TRACE, summarized by benchmarks/step_trace.py (where a step's time goes)
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
@@ -29,6 +30,20 @@ if has latency; then
     echo "== latency tp $tp"
     timeout "${LATENCY_TIMEOUT:-80}" python3 -m kiln bench latency --synthetic "$model" --tp_size "$tp" --batch_size 1 \
       --input_len 128 --output_len 256 --output_json "$out/latency_tp$tp.json" 2>&1 | tee -a "$out/latency.log" | grep -v "^W"
+  done
+fi
+if has channel; then
+  timeout 60 python3 benchmarks/step_channel.py --seqs 1,256 --steps 2000 2>&1 | tee "$out/step_channel.log"
+fi
+if has trace; then
+  for run in ${TRACE_RUNS:-tp1 tp2 tp2symm}; do
+    tp="${run:2:1}"; extra=""
+    [[ "$run" == *symm ]] && extra="KILN_TP_ALLREDUCE=symm"
+    echo "== trace $run"
+    env $extra KILN_STEP_TRACE="$out/trace_$run" timeout "${LATENCY_TIMEOUT:-80}" python3 -m kiln bench latency \
+      --synthetic "$model" --tp_size "$tp" --batch_size 1 --input_len 128 --output_len 256 2>&1 \
+      | grep -E "time per output|achieved" | tee -a "$out/trace.log"
+    python3 benchmarks/step_trace.py "$out/trace_$run" 2>&1 | tee -a "$out/trace.log"
   done
 fi
 if has throughput; then

@@ -29,6 +29,19 @@ SHAPES: dict[str, ModelConfig] = {
 }
 
 
+def check_split(name: str, tp_size: int) -> None:
+    """A clear error when `name`'s heads do not split into `tp_size` ranks."""
+    if name not in SHAPES:
+        raise KilnError(f"--synthetic {name!r} is unknown: choose one of {', '.join(SHAPES)}")
+    cfg = SHAPES[name]
+    if cfg.num_heads % tp_size or (cfg.num_kv_heads % tp_size and tp_size % cfg.num_kv_heads):
+        fits = [n for n in range(1, cfg.num_heads + 1) if not cfg.num_heads % n
+                and not (cfg.num_kv_heads % n and n % cfg.num_kv_heads)]
+        raise KilnError(f"--tp_size {tp_size} does not fit --synthetic {name}: its {cfg.num_heads} attention heads "
+                        f"({cfg.num_kv_heads} KV heads) do not split into {tp_size} ranks; "
+                        f"choose one of {', '.join(map(str, fits))}")
+
+
 def synthetic_model(
     name: str, build: BuildConfig, device: str, dtype: str = "bfloat16", quant: QuantConfig | None = None,
     seed: int = 0, tp: TPGroup = SINGLE,

@@ -195,8 +195,10 @@ def _synthetic_llm(args: argparse.Namespace, device: str, input_lens: list[int],
 
 
 def _synthetic_source(args: argparse.Namespace, build: object):  # noqa: ANN202 - a ModelSource
+    from kiln.bench.synthetic import check_split
     from kiln.runtime.loader import ModelSource
 
+    check_split(args.synthetic, args.tp_size)  # before any rank starts
     return ModelSource(synthetic=args.synthetic, build=build, qformat=args.qformat, dtype=args.dtype,
                        synthetic_tp_size=args.tp_size, group_size=args.group_size)
 

@@ -45,6 +45,8 @@ def run_worker(place: grp.Placement) -> int:
         runner, _ = prepare_runner(model, config, device, setup.settings, group)
         grp.trace("ready")
         runner.serve(group.channel)
+        if runner.step_trace:
+            runner.step_trace.dump()
     except KilnError as e:
         print(f"kiln: rank {rank}: error: {e}", file=sys.stderr, flush=True)
         return 1

@@ -9,6 +9,7 @@ scheduler -> model runner -> sampler -> scheduler, with every request batched in
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from kiln.runtime.memory import num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.sampler import sample
 from kiln.runtime.scheduler import Scheduler
+from kiln.runtime import steptrace
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.tokenizer import TextStream, load_tokenizer
 
@@ -80,7 +82,11 @@ def prepare_runner(
     if group is not None:
         blocks = group.min_int(blocks)
     channel = group.channel if group is not None and group.rank == 0 else None
-    return ModelRunner(model, config, device, blocks, settings.cuda_graphs, channel), blocks
+    runner = ModelRunner(model, config, device, blocks, settings.cuda_graphs, channel)
+    runner.step_trace = steptrace.from_environment(group.rank if group is not None else 0, device)
+    if runner.step_trace is not None:
+        atexit.register(runner.step_trace.dump)
+    return runner, blocks
 
 
 class LLM:
@@ -258,6 +264,8 @@ class LLM:
             raise KilnError(f"the tensor-parallel group broke during a step ({first}): another rank ended "
                             "or stopped answering; see its messages") from None
         tokens = sample(logits, to_sample)
+        if self.runner.step_trace:
+            self.runner.step_trace.done()
         now = time.perf_counter()
         for seq in to_sample:
             if seq.first_token_time is None:

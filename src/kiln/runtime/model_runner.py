@@ -31,6 +31,7 @@ from kiln.models.llama import LlamaForCausalLM
 from kiln.runtime.kv_cache import allocate_kv_cache
 from kiln.runtime.scheduler import Batch
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.steptrace import StepTrace
 
 
 def graph_buckets(max_batch_size: int) -> list[int]:
@@ -74,6 +75,7 @@ class ModelRunner:
         self.build = cfg.build
         self.block_size = cfg.build.tokens_per_block
         self.channel = channel  # rank 0 of a tensor-parallel group: every step is sent to the others first
+        self.step_trace: StepTrace | None = None  # per-step timestamps (runtime/steptrace.py), when asked for
         attn = model.model.layers[0].self_attn
         self.kv_caches = allocate_kv_cache(
             cfg.model.num_layers, num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim,
@@ -90,6 +92,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: Batch) -> tuple[list[Sequence], torch.Tensor]:
         """Returns the sequences to sample for and their logits [num_sampled, vocab] float32."""
+        if self.step_trace:
+            self.step_trace.start()
         # A graph computes one token per sequence and samples every one: each must be at its last token
         # (a prompt chunk cut to one token by the token budget is not).
         decode = all(n == 1 and seq.num_computed + 1 == len(seq) for seq, n in batch)
@@ -131,6 +135,8 @@ class ModelRunner:
         too (the LM head gathers across ranks) and dropped: rank 0 samples."""
         while True:
             op, tokens, seqs, width, host, rows = channel.recv()
+            if self.step_trace:
+                self.step_trace.start()
             if op == OP_STOP:
                 return
             if op == OP_GRAPH:
@@ -140,6 +146,14 @@ class ModelRunner:
 
     def _execute(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None) -> torch.Tensor:
         """Run the model on one packed step; logits of the token rows `rows` (None: every token)."""
+        if self.step_trace:
+            self.step_trace.launch("eager", tokens)
+        logits = self._forward(host, tokens, seqs, width, rows)
+        if self.step_trace:
+            self.step_trace.queued()
+        return logits
+
+    def _forward(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None) -> torch.Tensor:
         inputs = _views(host.to(self.device), tokens, seqs, width)
         lens = host[3 * tokens : 3 * tokens + seqs].tolist()
         starts = host[-(seqs + 1) :].tolist()
@@ -228,6 +242,10 @@ class ModelRunner:
     def _replay(self, size: int, host: torch.Tensor) -> torch.Tensor:
         """Replay the graph of bucket `size` on packed inputs; its logits [size, vocab]."""
         g = self.graphs[size]
+        if self.step_trace:
+            self.step_trace.launch("graph", size)
         g.buf.copy_(host, non_blocking=True)
         g.graph.replay()
+        if self.step_trace:
+            self.step_trace.queued()
         return g.logits
