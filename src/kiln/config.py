@@ -7,6 +7,7 @@ engine is built for, `SamplingParams` how one request picks its tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,3 +253,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @functools.cached_property
+    def edits_logits(self) -> bool:
+        """Whether penalties or banned tokens change the logits before a token is chosen."""
+        return bool(self.bad_token_ids) or self.repetition_penalty != 1.0 or bool(
+            self.presence_penalty or self.frequency_penalty)
+
+    @functools.cached_property
+    def plain_greedy(self) -> bool:
+        """The argmax of the model's logits is the token: nothing else to do for it."""
+        return self.greedy and not self.edits_logits and self.logprobs is None

@@ -260,3 +260,28 @@ def test_extreme_settings_never_break_sampling():
     assert tokens[0] == int(logits[0].argmax())  # only the top-1 token is left
     assert tokens[1] == int(logits[1].argmax())
     assert 0 <= tokens[2] < 8
+
+
+def test_one_penalized_row_in_a_greedy_batch_is_still_penalized():
+    """The all-greedy fast path must not skip a row whose penalty changes its argmax."""
+    logits = torch.tensor([[0.0, 5.0, 4.0], [0.0, 5.0, 4.0]])
+    plain = seq(SamplingParams(temperature=0), output=(1,))
+    penalized = seq(SamplingParams(temperature=0, repetition_penalty=2.0), output=(1,))
+    assert plain.params.plain_greedy and not penalized.params.plain_greedy
+    assert sample(logits.clone(), [plain, penalized]) == [1, 2]
+    banned = seq(SamplingParams(temperature=0, bad_token_ids=((1,),)))
+    assert sample(logits.clone(), [plain, banned]) == [1, 2]
+
+
+def test_logprobs_are_recorded_in_an_otherwise_greedy_batch():
+    logits = torch.tensor([[0.0, 2.0], [3.0, 0.0]])
+    plain, wants = seq(SamplingParams(temperature=0)), seq(SamplingParams(temperature=0, logprobs=1))
+    assert sample(logits.clone(), [plain, wants]) == [1, 0]
+    assert plain.logprobs == [] and wants.logprobs == [pytest.approx(math.log(1 / (1 + math.exp(-3.0))))]
+
+
+def test_sequence_ids_equal_slices_of_all_ids():
+    s = seq(prompt=range(7), output=range(100, 105))
+    for start in range(13):
+        for end in range(start, 13):
+            assert s.ids(start, end) == s.all_ids[start:end], (start, end)

@@ -285,7 +285,7 @@ class LLM:
             if text.stop_hit:  # the stop string's text was cut and everything before it emitted
                 self.scheduler.finish(seq, "stop")
             out.text = text.text
-        out.output_ids = list(seq.output_ids)
+        out.output_ids += new_ids  # (every token of the sequence arrives in exactly one event)
         out.finish_reason = seq.finish_reason
         now = time.perf_counter()
         out.ttft_s = (seq.first_token_time or now) - seq.arrival

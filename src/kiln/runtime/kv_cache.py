@@ -105,8 +105,10 @@ class BlockManager:
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make `seq` hold blocks for `num_tokens` tokens; False (and nothing taken) when too few are free."""
-        need = self.blocks_for(num_tokens) - len(seq.block_table)
-        if need > self.num_free:
+        need = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        if need > len(self._free) + len(self._evictable):
             return False
         for _ in range(need):
             seq.block_table.append(self._allocate())
@@ -114,12 +116,12 @@ class BlockManager:
 
     def commit(self, seq: Sequence) -> None:
         """Name the sequence's blocks that are now full and computed, so later requests can share them."""
-        if not self.prefix_caching:
-            return
-        ids, bs = seq.all_ids, self.block_size
+        bs = self.block_size
+        if not self.prefix_caching or len(seq.block_hashes) >= seq.num_computed // bs:
+            return  # (most steps: no block filled up)
         parent = seq.block_hashes[-1] if seq.block_hashes else _ROOT
         for i in range(len(seq.block_hashes), seq.num_computed // bs):
-            tokens = tuple(ids[i * bs : (i + 1) * bs])
+            tokens = tuple(seq.ids(i * bs, (i + 1) * bs))
             name = chain_hash(parent, tokens)
             block = seq.block_table[i]
             if name not in self._by_name:  # else the same prefix was computed twice: keep the first

@@ -168,7 +168,8 @@ class ModelRunner:
 
     def _pack(self, batch: Batch, tokens: int, seqs: int, width: int) -> torch.Tensor:
         """The host side of one step, as one int64 tensor laid out as `_views` reads it. Rows past the
-        batch (bucket padding) have slot -1, length 0 and block 0."""
+        batch (bucket padding) have slot -1, length 0 and block 0. (Runs every step while the GPU
+        waits: benchmarks/host_overhead.py times it.)"""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -176,21 +177,35 @@ class ModelRunner:
         tables: list[int] = []
         qsl = [0]
         bs = self.block_size
+        end = 0
         for seq, n in batch:
             start = seq.num_computed
-            ids += seq.all_ids[start : start + n]
-            span = range(start, start + n)
-            positions += span
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in span]
+            table = seq.block_table
+            if n == 1:  # a decode: one token, most steps' only kind
+                ids.append(seq.ids(start, start + 1)[0])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids += seq.ids(start, start + n)
+                span = range(start, start + n)
+                positions += span
+                slots += [table[p // bs] * bs + p % bs for p in span]
             lens.append(start + n)
-            tables += seq.block_table + [0] * (width - len(seq.block_table))
-            qsl.append(qsl[-1] + n)
+            tables += table
+            if len(table) < width:
+                tables += [0] * (width - len(table))
+            end += n
+            qsl.append(end)
         pad_tokens, pad_seqs = tokens - len(ids), seqs - len(batch)
-        data = (
-            ids + [0] * pad_tokens + positions + [0] * pad_tokens + slots + [-1] * pad_tokens
-            + lens + [0] * pad_seqs + tables + [0] * (pad_seqs * width) + qsl + [qsl[-1]] * pad_seqs
-        )
-        return torch.tensor(data, dtype=torch.int64)
+        if pad_tokens:
+            ids += [0] * pad_tokens
+            positions += [0] * pad_tokens
+            slots += [-1] * pad_tokens
+        if pad_seqs:
+            lens += [0] * pad_seqs
+            tables += [0] * (pad_seqs * width)
+            qsl += [end] * pad_seqs
+        return torch.tensor(ids + positions + slots + lens + tables + qsl, dtype=torch.int64)
 
     def _metadata(
         self, seq_lens: list[int], query_lens: list[int], inputs: _Inputs, num_splits: int,

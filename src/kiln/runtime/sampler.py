@@ -50,9 +50,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     """logits: [num_seqs, vocab] float32 -> one token id per sequence."""
     if not seqs:
         return []
+    if all(seq.params.plain_greedy for seq in seqs):  # the usual batch: one argmax, nothing per row
+        return logits.argmax(dim=-1).tolist()
     want = [row for row, seq in enumerate(seqs) if seq.params.logprobs is not None]
     logp = torch.log_softmax(logits[want], dim=-1) if want else None  # before the penalties edit logits
-    logits = apply_penalties(logits, seqs)
+    if any(seq.params.edits_logits for seq in seqs):
+        logits = apply_penalties(logits, seqs)
     greedy = logits.argmax(dim=-1).tolist()
     tokens = []
     for row, seq in enumerate(seqs):

@@ -43,7 +43,17 @@ class Sequence:
 
     @property
     def all_ids(self) -> list[int]:
+        """Prompt and output as one new list (a copy: for the hot path, see `ids`)."""
         return self.prompt_ids + self.output_ids
+
+    def ids(self, start: int, end: int) -> list[int]:
+        """Tokens start..end-1 of prompt + output, without copying the rest."""
+        p = len(self.prompt_ids)
+        if start >= p:
+            return self.output_ids[start - p : end - p]
+        if end <= p:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - p]
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
