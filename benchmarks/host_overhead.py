@@ -7,7 +7,9 @@ On a GPU, a step's model work is queued and runs while Python waits; the host wo
 for the prefix cache, the stream's events) runs while the GPU waits. This measures that host work
 alone, on the CPU: the model's forward is replaced by random logits of a small vocabulary (argmax
 over a real vocabulary runs on the GPU), so every other line of the engine runs as it does in
-`kiln bench throughput`. Figures are per decode step of `--seqs` running sequences.
+`kiln bench throughput`. Figures are per decode step of `--seqs` running sequences. (With overlapped
+steps, the default, most of this runs while the GPU computes the step already launched; KILN_OVERLAP=0
+gives the plain order. Either way it is work the host must get through once per step.)
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def main() -> None:
 
     logits = torch.randn(max(8192, args.seqs), VOCAB)  # made once: drawing them each step would be timed
 
-    def forward(host, tokens, seqs, width, rows):  # noqa: ANN001, ANN202 - the runner's signature
+    def forward(host, tokens, seqs, width, rows, ids=None):  # noqa: ANN001, ANN202 - the runner's signature
         return logits[: len(rows) if rows is not None else tokens]
 
     def timed(name, fn):  # noqa: ANN001, ANN202
@@ -76,17 +78,25 @@ def main() -> None:
         state["decode"] = all(n == 1 for _, n in batch)
         if state["decode"]:
             times["schedule"] += time.perf_counter() - t
-            times["steps"] += 1
         return batch
+
+    orig_update = sched.update
+
+    def update(batch, sampled):  # noqa: ANN001, ANN202
+        if state["decode"]:
+            times["steps"] += 1
+        return orig_update(batch, sampled)
 
     runner._forward = forward
     # Decode steps take the CUDA-graph path as on a GPU: pack, then "replay" (here: random logits).
     runner.graphs = {size: None for size in graph_buckets(args.seqs)}
-    runner._replay = lambda size, host: logits[:size]
+    runner._replay = lambda size, host, ids=None: logits[:size]
     sched.schedule = schedule
     runner.run = timed("run (pack)", runner.run)
+    runner.run_ahead = timed("run (pack)", runner.run_ahead)
+    llm._with_argmax = timed("sample", llm._with_argmax)
     engine_mod.sample = timed("sample", engine_mod.sample)
-    sched.update = timed("update", sched.update)
+    sched.update = timed("update", update)
     llm._event = timed("events", llm._event)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, VOCAB, (args.input_len,), generator=gen).tolist() for _ in range(args.seqs)]

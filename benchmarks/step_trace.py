@@ -6,6 +6,7 @@
 For the decode steps (graph steps unless --kind eager), in microseconds, medians and p90:
   step        rank 0: start of one step to the start of the next (the time per output token)
   host        rank 0: the step's end (tokens on the host) to the next step's launch: the GPU's idle gap
+              (negative with overlapped steps: the next step was launched before this one ended)
   before      rank 0: the runner's call to the step's launch (packing, sending to the other ranks)
   gpu         each rank: GPU time of the step, waits for the other ranks included
   lag         each rank > 0: its launch minus rank 0's launch of the same step

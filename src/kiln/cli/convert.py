@@ -40,6 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from kiln.fsutil import require_dir
+
+    # The inputs first: a wrong path is reported at once, before the model code loads.
+    if args.model_dir:
+        require_dir(args.model_dir, "--model_dir")
+    elif not Path(args.gguf).is_file():
+        raise KilnError(f"--gguf {args.gguf}: no such file")
     from kiln.checkpoint.convert import convert_hf
     from kiln.quant.methods import QuantConfig
     from kiln.runtime.tokenizer import tokenizer_files

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,14 +26,14 @@ from kiln.config import SamplingParams
 from kiln.distributed.comm import SINGLE
 from kiln.errors import KilnError, LimitError
 from kiln.models.llama import LlamaForCausalLM
+from kiln.runtime import steptrace
 from kiln.runtime.kv_cache import BlockManager
 from kiln.runtime.loader import ModelSource
 from kiln.runtime.memory import num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.sampler import sample
-from kiln.runtime.scheduler import Scheduler
-from kiln.runtime import steptrace
-from kiln.runtime.sequence import Sequence
+from kiln.runtime.scheduler import Batch, Scheduler
+from kiln.runtime.sequence import Sequence, Status
 from kiln.runtime.tokenizer import TextStream, load_tokenizer
 
 Prompt = str | list[int]
@@ -57,6 +58,23 @@ class StreamEvent:
     token_ids: list[int]  # new tokens
     finished: bool
     output: RequestOutput
+
+
+@dataclass
+class _Step:
+    """A launched step: what it computes, and its logits (on the device, maybe not computed yet)."""
+
+    batch: Batch
+    to_sample: list[Sequence]
+    logits: torch.Tensor
+    argmax: torch.Tensor | None = None  # on the device, when every sampled sequence takes the argmax
+    host: torch.Tensor | None = None  # the argmax on its way to the host (CUDA)
+    ready: Any = None  # CUDA event: `host` has arrived
+
+
+def overlap_default() -> bool:
+    """Steps overlap unless KILN_OVERLAP=0 (to compare, or to rule the overlap out)."""
+    return os.environ.get("KILN_OVERLAP", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -158,6 +176,9 @@ class LLM:
             trace("ready")
         self.blocks = BlockManager(blocks, config.build.tokens_per_block, prefix_caching)
         self.scheduler = Scheduler(config.build, self.blocks)
+        self.overlap = overlap_default()
+        self._inflight: _Step | None = None
+        self.last_step_tokens = 0
 
     def close(self) -> None:
         """Release the other ranks of a tensor-parallel engine (also done when the process exits)."""
@@ -239,6 +260,7 @@ class LLM:
         finally:
             for seq in seqs:
                 self.scheduler.finish(seq, "cancelled")
+            self.drain()
 
     def generate(
         self, prompts: list[Prompt], params: SamplingParams | list[SamplingParams] | None = None
@@ -248,30 +270,98 @@ class LLM:
             results[event.index] = event.output
         return [results[i] for i in range(len(prompts))]
 
+    # ---- steps -----------------------------------------------------------------------------
+    # A step is launched, then collected: its tokens reach the host, are sampled (or taken: the argmax
+    # computed on the device) and appended. With `overlap` (the default), a decode step whose every
+    # sequence takes the argmax is followed at once by the next one, launched before the first one's
+    # tokens reach the host: the device feeds its own argmax back as the next input. The host then
+    # appends tokens, checks stops and hands out results while the device computes, instead of the
+    # device waiting for the host between steps. A sequence that ends at step n was already in step
+    # n + 1: that row's work is dropped (its token is never appended). Steps that admit new sequences,
+    # sample, or need blocks that are not free are scheduled the plain way, after the last collect.
+
     @torch.inference_mode()  # the sampler's penalties edit the runner's logits (inference tensors) in place
     def step(self) -> list[tuple[Sequence, list[int]]]:
-        """Run one scheduler step; returns (sequence, its new token ids) for those that got one."""
+        """Collect one step (launching it first if none is in flight); returns (sequence, its new token
+        ids) for those that got one."""
+        current = self._inflight or self._launch()
+        self._inflight = None
+        if self.overlap:
+            self._inflight = self._launch_next(current)
+        return self._collect(current)
+
+    def _launch(self) -> _Step:
         batch = self.scheduler.schedule()
-        self.last_step_tokens = sum(n for _, n in batch)
         if not batch:
             raise RuntimeError("no sequence could be scheduled: the KV cache is too small for a request")
+        to_sample, logits = self._guarded(self.runner.run, batch)
+        return self._with_argmax(_Step(batch, to_sample, logits))
+
+    def _launch_next(self, current: _Step) -> _Step | None:
+        """The decode step after `current`, launched before `current`'s tokens are on the host; None
+        when the next step must wait for them (see above)."""
+        if current.argmax is None or self.group is not None or len(current.to_sample) != len(current.batch):
+            return None
+        sched = self.scheduler
+        if sched.waiting and len(sched.running) < self.config.build.max_batch_size:
+            return None  # there is room: the next step admits waiting sequences, the plain way
+        batch: Batch = []
+        rows: list[int] = []
+        for row, (seq, n) in enumerate(current.batch):
+            if n != 1:
+                return None
+            if seq.status is Status.RUNNING:  # (not ended or preempted since)
+                batch.append((seq, 1))
+                rows.append(row)
+        # Room for the token `current` computes and the one this step computes, without preempting.
+        if not batch or not all(self.blocks.grow(seq, seq.num_computed + 2) for seq, _ in batch):
+            return None
+        logits = self._guarded(self.runner.run_ahead, batch, current.argmax, rows)
+        return self._with_argmax(_Step(batch, [seq for seq, _ in batch], logits))
+
+    def _with_argmax(self, step: _Step) -> _Step:
+        """Start the argmax on the device (and its copy to the host) when every sampled sequence wants it."""
+        if step.to_sample and all(seq.params.plain_greedy for seq in step.to_sample):
+            step.argmax = step.logits.argmax(dim=-1)
+            if step.argmax.is_cuda:
+                step.host = step.argmax.to("cpu", non_blocking=True)
+                step.ready = torch.cuda.Event()
+                step.ready.record()
+        return step
+
+    def _collect(self, step: _Step) -> list[tuple[Sequence, list[int]]]:
+        if step.argmax is None:
+            tokens = sample(step.logits, step.to_sample)
+        elif step.ready is not None:
+            step.ready.synchronize()
+            tokens = step.host.tolist()
+        else:
+            tokens = step.argmax.tolist()
+        if self.runner.step_trace:
+            self.runner.step_trace.done()
+        self.last_step_tokens = sum(n for _, n in step.batch)
+        now = time.perf_counter()
+        for seq in step.to_sample:
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+        advanced = self.scheduler.update(step.batch, {s.seq_id: t for s, t in zip(step.to_sample, tokens)})
+        return [(seq, [seq.output_ids[-1]]) for seq in advanced]
+
+    def drain(self) -> None:
+        """Wait for a step still in flight whose sequences have all ended (its results are dropped)."""
+        if self._inflight is not None:
+            step, self._inflight = self._inflight, None
+            self._collect(step)
+
+    def _guarded(self, launch: Any, *args: Any) -> Any:
         try:
-            to_sample, logits = self.runner.run(batch)
+            return launch(*args)
         except RuntimeError as e:
             if self.group is None:
                 raise
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise KilnError(f"the tensor-parallel group broke during a step ({first}): another rank ended "
                             "or stopped answering; see its messages") from None
-        tokens = sample(logits, to_sample)
-        if self.runner.step_trace:
-            self.runner.step_trace.done()
-        now = time.perf_counter()
-        for seq in to_sample:
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-        advanced = self.scheduler.update(batch, {s.seq_id: t for s, t in zip(to_sample, tokens)})
-        return [(seq, [seq.output_ids[-1]]) for seq in advanced]
 
     def _event(
         self, seq: Sequence, new_ids: list[int], out: RequestOutput, text: TextStream | None

@@ -117,6 +117,23 @@ class ModelRunner:
         return to_sample, self._execute(host, count, len(batch), width, rows)
 
     @torch.inference_mode()
+    def run_ahead(self, batch: Batch, prev: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """A decode step launched while the previous one still runs: every sequence is one token further
+        than the host knows, and that token is `prev[rows[i]]` (the previous step's argmax, on the
+        device). Returns the logits [len(batch), vocab] of the new positions."""
+        if self.channel is not None:
+            raise RuntimeError("run_ahead needs the other ranks to feed back their own tokens: not with tensor parallelism")
+        ids = prev.index_select(0, torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True))
+        n = len(batch)
+        if self.graphs and n <= max(self.graphs):
+            size = min(s for s in self.graphs if s >= n)
+            host = self._pack(batch, size, size, self.max_blocks, ahead=True)
+            return self._replay(size, host, ids)[:n]
+        width = max(self.max_blocks, *(len(seq.block_table) for seq, _ in batch))
+        host = self._pack(batch, n, n, width, ahead=True)
+        return self._execute(host, n, n, width, list(range(n)), ids)
+
+    @torch.inference_mode()
     def run_all_logits(self, batch: Batch) -> torch.Tensor:
         """Logits of every scheduled token, [num_tokens, vocab] float32 (perplexity, prompt logits)."""
         count = sum(n for _, n in batch)
@@ -144,17 +161,22 @@ class ModelRunner:
             else:
                 self._execute(host, tokens, seqs, width, rows)
 
-    def _execute(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None) -> torch.Tensor:
-        """Run the model on one packed step; logits of the token rows `rows` (None: every token)."""
+    def _execute(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None,
+                 ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model on one packed step; logits of the token rows `rows` (None: every token). `ids`,
+        on the device, replaces the first token ids of the packed ones (see run_ahead)."""
         if self.step_trace:
             self.step_trace.launch("eager", tokens)
-        logits = self._forward(host, tokens, seqs, width, rows)
+        logits = self._forward(host, tokens, seqs, width, rows, ids)
         if self.step_trace:
             self.step_trace.queued()
         return logits
 
-    def _forward(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None) -> torch.Tensor:
+    def _forward(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None,
+                 ids: torch.Tensor | None = None) -> torch.Tensor:
         inputs = _views(host.to(self.device), tokens, seqs, width)
+        if ids is not None:
+            inputs.ids[: ids.numel()].copy_(ids)
         lens = host[3 * tokens : 3 * tokens + seqs].tolist()
         starts = host[-(seqs + 1) :].tolist()
         query_lens = [b - a for a, b in zip(starts, starts[1:])]
@@ -166,10 +188,11 @@ class ModelRunner:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
-    def _pack(self, batch: Batch, tokens: int, seqs: int, width: int) -> torch.Tensor:
+    def _pack(self, batch: Batch, tokens: int, seqs: int, width: int, ahead: bool = False) -> torch.Tensor:
         """The host side of one step, as one int64 tensor laid out as `_views` reads it. Rows past the
-        batch (bucket padding) have slot -1, length 0 and block 0. (Runs every step while the GPU
-        waits: benchmarks/host_overhead.py times it.)"""
+        batch (bucket padding) have slot -1, length 0 and block 0. With `ahead`, every sequence decodes
+        the position after the one its step in flight computes, and its token id is left 0 (the device
+        fills it in: run_ahead). (benchmarks/host_overhead.py times this.)"""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -179,10 +202,10 @@ class ModelRunner:
         bs = self.block_size
         end = 0
         for seq, n in batch:
-            start = seq.num_computed
+            start = seq.num_computed + ahead
             table = seq.block_table
             if n == 1:  # a decode: one token, most steps' only kind
-                ids.append(seq.ids(start, start + 1)[0])
+                ids.append(0 if ahead else seq.ids(start, start + 1)[0])
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
@@ -254,12 +277,15 @@ class ModelRunner:
             self.graphs[size] = _Graph(graph, buf, logits)
         torch.cuda.synchronize(self.device)
 
-    def _replay(self, size: int, host: torch.Tensor) -> torch.Tensor:
-        """Replay the graph of bucket `size` on packed inputs; its logits [size, vocab]."""
+    def _replay(self, size: int, host: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the graph of bucket `size` on packed inputs (the first token ids replaced by `ids`, on
+        the device, if given); its logits [size, vocab]."""
         g = self.graphs[size]
         if self.step_trace:
             self.step_trace.launch("graph", size)
         g.buf.copy_(host, non_blocking=True)
+        if ids is not None:
+            g.buf[: ids.numel()].copy_(ids)
         g.graph.replay()
         if self.step_trace:
             self.step_trace.queued()

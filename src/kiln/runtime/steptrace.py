@@ -8,7 +8,8 @@ line per step:
               ranks: rank 0's step message was in hand)
     t_launch  host clock just before this rank queued the step's GPU work
     t_queued  host clock once it was queued (for a graph, replay() returned)
-    t_done    rank 0: host clock once the sampled tokens were on the host (the step's end)
+    t_done    rank 0: host clock once the step's tokens were on the host (with overlapped steps, the
+              next step may have been launched before this)
     gpu_ms    GPU time from the step's first to its last queued operation on this rank, waits for
               the other ranks' collectives included
 All ranks of a host read the same monotonic clock (time.perf_counter), so steps can be lined up across
@@ -33,6 +34,7 @@ class StepTrace:
         self.steps: list[dict[str, Any]] = []
         self.events: list[tuple[Any, Any]] = []
         self._start = 0.0
+        self._collected = 0
 
     def start(self) -> None:
         self._start = time.perf_counter()
@@ -53,8 +55,11 @@ class StepTrace:
         self.steps[-1]["t_queued"] = time.perf_counter()
 
     def done(self) -> None:
-        if self.steps:
-            self.steps[-1]["t_done"] = time.perf_counter()
+        """The oldest step not yet collected has its tokens on the host (steps are collected in the
+        order they were launched; with overlapped steps one more may have been launched already)."""
+        if self._collected < len(self.steps):
+            self.steps[self._collected]["t_done"] = time.perf_counter()
+            self._collected += 1
 
     def dump(self) -> None:
         if not self.steps:
@@ -67,7 +72,7 @@ class StepTrace:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(s) + "\n" for s in self.steps))
         os.replace(tmp, self.path)
-        self.steps, self.events = [], []
+        self.steps, self.events, self._collected = [], [], 0
 
 
 def from_environment(rank: int, device: str) -> StepTrace | None:
