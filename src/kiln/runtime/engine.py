@@ -300,7 +300,7 @@ class LLM:
     def _launch_next(self, current: _Step) -> _Step | None:
         """The decode step after `current`, launched before `current`'s tokens are on the host; None
         when the next step must wait for them (see above)."""
-        if current.argmax is None or self.group is not None or len(current.to_sample) != len(current.batch):
+        if current.argmax is None or len(current.to_sample) != len(current.batch):
             return None
         sched = self.scheduler
         if sched.waiting and len(sched.running) < self.config.build.max_batch_size:

@@ -24,7 +24,16 @@ import torch
 
 from kiln.builder.engine_file import EngineConfig
 from kiln.checkpoint.format import torch_dtype
-from kiln.distributed.group import OP_ALL_LOGITS, OP_FORWARD, OP_GRAPH, OP_STOP, StepChannel, trace
+from kiln.distributed.group import (
+    OP_ALL_LOGITS,
+    OP_FORWARD,
+    OP_FORWARD_AHEAD,
+    OP_GRAPH,
+    OP_GRAPH_AHEAD,
+    OP_STOP,
+    StepChannel,
+    trace,
+)
 from kiln.kernels import use_triton
 from kiln.layers.attention import AttentionMetadata
 from kiln.models.llama import LlamaForCausalLM
@@ -121,17 +130,20 @@ class ModelRunner:
         """A decode step launched while the previous one still runs: every sequence is one token further
         than the host knows, and that token is `prev[rows[i]]` (the previous step's argmax, on the
         device). Returns the logits [len(batch), vocab] of the new positions."""
-        if self.channel is not None:
-            raise RuntimeError("run_ahead needs the other ranks to feed back their own tokens: not with tensor parallelism")
-        ids = prev.index_select(0, torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True))
+        ids = self._feedback(prev, rows)
         n = len(batch)
         if self.graphs and n <= max(self.graphs):
             size = min(s for s in self.graphs if s >= n)
             host = self._pack(batch, size, size, self.max_blocks, ahead=True)
+            self._send(OP_GRAPH_AHEAD, size, size, self.max_blocks, host, rows)
             return self._replay(size, host, ids)[:n]
         width = max(self.max_blocks, *(len(seq.block_table) for seq, _ in batch))
         host = self._pack(batch, n, n, width, ahead=True)
+        self._send(OP_FORWARD_AHEAD, n, n, width, host, rows)
         return self._execute(host, n, n, width, list(range(n)), ids)
+
+    def _feedback(self, prev: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        return prev.index_select(0, torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True))
 
     @torch.inference_mode()
     def run_all_logits(self, batch: Batch) -> torch.Tensor:
@@ -149,17 +161,28 @@ class ModelRunner:
     @torch.inference_mode()
     def serve(self, channel: StepChannel) -> None:
         """A rank other than 0: run every step rank 0 sends, until it says stop. The logits are made here
-        too (the LM head gathers across ranks) and dropped: rank 0 samples."""
+        too (the LM head gathers across ranks) and dropped, but for their argmax: a step launched ahead
+        takes its input ids from the previous step's (rank 0 samples)."""
+        argmax = None
         while True:
             op, tokens, seqs, width, host, rows = channel.recv()
             if self.step_trace:
                 self.step_trace.start()
             if op == OP_STOP:
                 return
-            if op == OP_GRAPH:
-                self._replay(tokens, host)
+            if op in (OP_GRAPH_AHEAD, OP_FORWARD_AHEAD):
+                if argmax is None:
+                    raise RuntimeError("a step launched ahead, but no step before it to take tokens from")
+                ids = self._feedback(argmax, rows)
+                if op == OP_GRAPH_AHEAD:
+                    logits = self._replay(tokens, host, ids)
+                else:
+                    logits = self._execute(host, tokens, seqs, width, list(range(seqs)), ids)
+            elif op == OP_GRAPH:
+                logits = self._replay(tokens, host)
             else:
-                self._execute(host, tokens, seqs, width, rows)
+                logits = self._execute(host, tokens, seqs, width, rows)
+            argmax = logits.argmax(dim=-1) if op != OP_ALL_LOGITS and logits.numel() else None
 
     def _execute(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None,
                  ids: torch.Tensor | None = None) -> torch.Tensor:
