@@ -87,14 +87,18 @@ def main() -> None:
             times["steps"] += 1
         return orig_update(batch, sampled)
 
-    runner._forward = forward
+    if hasattr(runner, "_forward"):
+        runner._forward = forward
+    else:  # an older tree
+        runner._execute = forward
     # Decode steps take the CUDA-graph path as on a GPU: pack, then "replay" (here: random logits).
     runner.graphs = {size: None for size in graph_buckets(args.seqs)}
     runner._replay = lambda size, host, ids=None: logits[:size]
     sched.schedule = schedule
     runner.run = timed("run (pack)", runner.run)
-    runner.run_ahead = timed("run (pack)", runner.run_ahead)
-    llm._with_argmax = timed("sample", llm._with_argmax)
+    if hasattr(runner, "run_ahead"):  # (so that older trees can be measured with this script too)
+        runner.run_ahead = timed("run (pack)", runner.run_ahead)
+        llm._with_argmax = timed("sample", llm._with_argmax)
     engine_mod.sample = timed("sample", engine_mod.sample)
     sched.update = timed("update", update)
     llm._event = timed("events", llm._event)
