@@ -49,6 +49,8 @@ def main() -> None:
     p.add_argument("--input_len", type=int, default=128)
     p.add_argument("--output_len", type=int, default=128)
     p.add_argument("--tokens_per_block", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top_p", type=float, default=1.0)
     args = p.parse_args()
     torch.manual_seed(0)
     llm = make_llm(args.seqs, args.input_len, args.output_len, args.tokens_per_block)
@@ -104,7 +106,8 @@ def main() -> None:
     llm._event = timed("events", llm._event)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, VOCAB, (args.input_len,), generator=gen).tolist() for _ in range(args.seqs)]
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.output_len, temperature=args.temperature, top_p=args.top_p,
+                            ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     times.clear()
     start = time.perf_counter()

@@ -285,3 +285,35 @@ def test_sequence_ids_equal_slices_of_all_ids():
     for start in range(13):
         for end in range(start, 13):
             assert s.ids(start, end) == s.all_ids[start:end], (start, end)
+
+
+def test_filter_rows_equals_the_one_row_filter():
+    from kiln.runtime.sampler import filter_rows
+
+    torch.manual_seed(9)
+    logits = torch.randn(6, 50) * 3
+    logits[2, :10] = logits[2, 10]  # ties at the k-th value are kept by both
+    settings = [(0, 1.0), (5, 1.0), (12, 1.0), (0, 0.7), (7, 0.4), (50, 1e-9)]
+    got = filter_rows(logits.clone(), [k for k, _ in settings], [p for _, p in settings])
+    for row, (k, p) in enumerate(settings):
+        assert torch.equal(got[row], filter_top_k_top_p(logits[row].clone(), k, p)), (k, p)
+
+
+def test_a_mixed_batch_draws_each_seeded_row_as_alone():
+    """Greedy, penalized, seeded and unseeded rows sampled together: each seeded row draws what it
+    draws alone, greedy rows take the argmax, and unseeded rows stay inside their top-k."""
+    torch.manual_seed(4)
+    logits = torch.randn(5, 30)
+    make = [
+        lambda: seq(SamplingParams(temperature=0)),
+        lambda: seq(SamplingParams(temperature=0.9, top_k=4, seed=3), seed=3),
+        lambda: seq(SamplingParams(temperature=1.3, top_p=0.8, seed=5), seed=5),
+        lambda: seq(SamplingParams(temperature=1.0, top_k=3)),
+        lambda: seq(SamplingParams(temperature=0.5, repetition_penalty=1.5, seed=8), output=(1, 2), seed=8),
+    ]
+    for _ in range(10):
+        together = sample(logits.clone(), [m() for m in make])
+        alone = [sample(logits[i : i + 1].clone(), [m()])[0] for i, m in enumerate(make)]
+        assert together[0] == alone[0] == int(logits[0].argmax())
+        assert together[1] == alone[1] and together[2] == alone[2] and together[4] == alone[4]
+        assert together[3] in torch.topk(logits[3], 3).indices.tolist()

@@ -18,6 +18,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """logits: [num_seqs, vocab] float32, modified in place and returned."""
     for row, seq in enumerate(seqs):
         p = seq.params
+        if not p.edits_logits:
+            continue
         for bad in p.bad_token_ids:
             if bad and (len(bad) == 1 or seq.all_ids[-(len(bad) - 1) :] == list(bad[:-1])):
                 logits[row, bad[-1]] = float("-inf")
@@ -46,8 +48,32 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """filter_top_k_top_p for every row at once, each with its own settings: [rows, vocab] -> same."""
+    vocab = logits.shape[-1]
+    ks = [k if 0 < k < vocab else 0 for k in top_k]
+    if any(ks):
+        kth = torch.topk(logits, max(ks), dim=-1).values  # [rows, max k], descending
+        index = torch.tensor([max(k, 1) - 1 for k in ks], device=logits.device)
+        threshold = kth.gather(1, index[:, None])
+        off = torch.tensor([k == 0 for k in ks], device=logits.device)[:, None]
+        logits = logits.masked_fill(~off & (logits < threshold), float("-inf"))
+    if any(p < 1.0 for p in top_p):
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        limit = torch.tensor(top_p, dtype=probs.dtype, device=logits.device)[:, None]
+        drop = (probs.cumsum(-1) - probs >= limit) & (limit < 1.0)  # keep until the mass reaches top_p
+        drop[:, 0] = False  # the most likely token always stays, however small top_p is
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [num_seqs, vocab] float32 -> one token id per sequence."""
+    """logits: [num_seqs, vocab] float32 -> one token id per sequence.
+
+    The rows that draw are filtered and normalized together; unseeded ones then draw together from the
+    global generator, seeded ones each from its own (so a seed's draws do not depend on the batch).
+    """
     if not seqs:
         return []
     if all(seq.params.plain_greedy for seq in seqs):  # the usual batch: one argmax, nothing per row
@@ -56,22 +82,29 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     logp = torch.log_softmax(logits[want], dim=-1) if want else None  # before the penalties edit logits
     if any(seq.params.edits_logits for seq in seqs):
         logits = apply_penalties(logits, seqs)
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            tokens.append(greedy[row])
-            continue
-        row_logits = filter_top_k_top_p(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(row_logits, dim=-1)
-        if not bool(torch.isfinite(probs).all()):  # extreme settings overflowed float32: no distribution
-            tokens.append(greedy[row])
-            continue
-        tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator).item()))
+    greedy = logits.argmax(dim=-1)
+    drawn = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
+    if drawn:
+        params = [seqs[row].params for row in drawn]
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+        probs = torch.softmax(filter_rows(logits[drawn] / temps[:, None], [p.top_k for p in params],
+                                          [p.top_p for p in params]), dim=-1)
+        # extreme settings can overflow float32 (no distribution left): those rows take the argmax
+        ok = torch.isfinite(probs).all(dim=-1)
+        probs = torch.where(ok[:, None], probs, 0.0)
+        probs[:, 0] += (~ok).to(probs.dtype)  # (any valid distribution: the row is replaced below)
+        tokens = torch.empty(len(drawn), dtype=torch.int64, device=logits.device)
+        own = [i for i, row in enumerate(drawn) if seqs[row].generator is not None]
+        shared = [i for i, row in enumerate(drawn) if seqs[row].generator is None]
+        if shared:
+            tokens[shared] = torch.multinomial(probs[shared], 1)[:, 0]
+        for i in own:
+            tokens[i] = torch.multinomial(probs[i], 1, generator=seqs[drawn[i]].generator)[0]
+        greedy[drawn] = torch.where(ok, tokens, greedy[drawn])
+    chosen = greedy.tolist()
     for j, row in enumerate(want):
-        record_logprobs(seqs[row], logp[j], tokens[row])
-    return tokens
+        record_logprobs(seqs[row], logp[j], chosen[row])
+    return chosen
 
 
 def record_logprobs(seq: Sequence, logp: torch.Tensor, token: int) -> None:
