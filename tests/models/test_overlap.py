@@ -132,9 +132,28 @@ def test_preemption_when_blocks_run_out(model: HFModel, counted: list[int]) -> N
 def test_sampling_and_logprobs_in_the_batch(model: HFModel, counted: list[int]) -> None:
     """A batch with a sampled or a log-probability request runs the plain way, and equally."""
     llm = model.llm(max_batch_size=8, tokens_per_block=4)
-    params = [greedy(10)] * len(PROMPTS)
+    params = [greedy(16)] * len(PROMPTS)
     params[1] = SamplingParams(max_tokens=6, temperature=0.8, seed=7, ignore_eos=True)
     params[4] = SamplingParams(max_tokens=9, temperature=0, logprobs=2, ignore_eos=True)
     plain, ahead = both(llm, params, counted)
     assert ahead.ahead_steps > 0  # once the sampled and logprob requests are done
     assert len(plain.logprobs[4]) == 9
+
+
+def test_no_step_is_launched_past_the_last_token(model: HFModel, counted: list[int]) -> None:
+    """Sequences that end by length at step n are not computed again in step n + 1."""
+    llm = model.llm(max_batch_size=8, tokens_per_block=4)
+    steps = [0]
+    original = llm.runner.run, llm.runner.run_ahead
+
+    def run(*args):  # noqa: ANN002, ANN202
+        steps[0] += 1
+        return original[0](*args)
+
+    def run_ahead(*args):  # noqa: ANN002, ANN202
+        steps[0] += 1
+        return original[1](*args)
+
+    llm.runner.run, llm.runner.run_ahead = run, run_ahead
+    drive(llm, [greedy(9)] * len(PROMPTS), counted, overlap=True)
+    assert steps[0] == 9  # one prefill step, then one per further token, and no wasted one

@@ -307,12 +307,16 @@ class LLM:
             return None  # there is room: the next step admits waiting sequences, the plain way
         batch: Batch = []
         rows: list[int] = []
+        max_seq_len = self.config.build.max_seq_len
         for row, (seq, n) in enumerate(current.batch):
             if n != 1:
                 return None
-            if seq.status is Status.RUNNING:  # (not ended or preempted since)
-                batch.append((seq, 1))
-                rows.append(row)
+            if seq.status is not Status.RUNNING:  # ended or preempted since
+                continue
+            if len(seq.output_ids) + 1 >= seq.params.max_tokens or len(seq) + 1 >= max_seq_len:
+                continue  # `current` gives it its last token: nothing to compute for it after that
+            batch.append((seq, 1))
+            rows.append(row)
         # Room for the token `current` computes and the one this step computes, without preempting.
         if not batch or not all(self.blocks.grow(seq, seq.num_computed + 2) for seq, _ in batch):
             return None
