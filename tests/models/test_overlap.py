@@ -1,8 +1,9 @@
 """Overlapped steps give exactly the tokens of plain ones.
 
-With overlap (the default), a decode step whose sequences all take the argmax is followed by the next
-one before its tokens reach the host: the device feeds its own argmax back as the next input, and a
-sequence that ends meanwhile has its extra row dropped. Every way a sequence can end or be held back
+With overlap (the default), a step whose sampled sequences all take the argmax is followed by the next
+one before its tokens reach the host: the device feeds its own argmax back as the next input, waiting
+sequences are admitted and prompts prefilled in chunks as usual, and a sequence that ends meanwhile has
+its extra row dropped. Every way a sequence can end or be held back
 (length, end id, stop sequence, a cancel between steps, preemption, admission waves, sampling and log
 probabilities in the batch) must leave outputs unchanged, and no KV block behind.
 """
@@ -112,7 +113,8 @@ def test_lengths_end_ids_and_stop_sequences(model: HFModel, counted: list[int]) 
 
 
 def test_admission_waves_and_cancels(model: HFModel, counted: list[int]) -> None:
-    """More prompts than max_batch_size: the overlap stops while there is room to admit one."""
+    """More prompts than max_batch_size: sequences are admitted into steps launched ahead, and
+    sequences cancelled between steps end where they were cancelled."""
     llm = model.llm(max_batch_size=3, tokens_per_block=4)
     params = [greedy(n) for n in (12, 5, 9, 16, 3, 8, 10)]
     plain, ahead = both(llm, params, counted, cancel_after={0: 4, 3: 7})

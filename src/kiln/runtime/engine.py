@@ -33,7 +33,7 @@ from kiln.runtime.memory import num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.sampler import sample
 from kiln.runtime.scheduler import Batch, Scheduler
-from kiln.runtime.sequence import Sequence, Status
+from kiln.runtime.sequence import Sequence
 from kiln.runtime.tokenizer import TextStream, load_tokenizer
 
 Prompt = str | list[int]
@@ -272,13 +272,15 @@ class LLM:
 
     # ---- steps -----------------------------------------------------------------------------
     # A step is launched, then collected: its tokens reach the host, are sampled (or taken: the argmax
-    # computed on the device) and appended. With `overlap` (the default), a decode step whose every
-    # sequence takes the argmax is followed at once by the next one, launched before the first one's
-    # tokens reach the host: the device feeds its own argmax back as the next input. The host then
-    # appends tokens, checks stops and hands out results while the device computes, instead of the
-    # device waiting for the host between steps. A sequence that ends at step n was already in step
-    # n + 1: that row's work is dropped (its token is never appended). Steps that admit new sequences,
-    # sample, or need blocks that are not free are scheduled the plain way, after the last collect.
+    # computed on the device) and appended. With `overlap` (the default), when every sequence a step
+    # samples takes the argmax, the next step is scheduled and launched before that step's tokens reach
+    # the host: each sequence starts past the tokens in flight, and the one token the host does not have
+    # yet comes from the device's argmax. The host then appends tokens, checks stops and hands out results
+    # while the device computes, instead of the device waiting for the host between steps. New sequences
+    # are admitted into such steps as usual. A sequence that ends at step n (an end id, a stop sequence, a
+    # cancel) was already in step n + 1: that row's work is dropped (its token is never appended); one
+    # that ends by length is left out. A step after one that samples (temperature, penalties, log
+    # probabilities), or that would need to preempt, is scheduled the plain way after the collect.
 
     @torch.inference_mode()  # the sampler's penalties edit the runner's logits (inference tensors) in place
     def step(self) -> list[tuple[Sequence, list[int]]]:
@@ -298,30 +300,18 @@ class LLM:
         return self._with_argmax(_Step(batch, to_sample, logits))
 
     def _launch_next(self, current: _Step) -> _Step | None:
-        """The decode step after `current`, launched before `current`'s tokens are on the host; None
-        when the next step must wait for them (see above)."""
-        if current.argmax is None or len(current.to_sample) != len(current.batch):
+        """The step after `current`, launched before `current`'s tokens are on the host; None when it
+        must wait for them (see above)."""
+        if current.argmax is None:
             return None
-        sched = self.scheduler
-        if sched.waiting and len(sched.running) < self.config.build.max_batch_size:
-            return None  # there is room: the next step admits waiting sequences, the plain way
-        batch: Batch = []
-        rows: list[int] = []
-        max_seq_len = self.config.build.max_seq_len
-        for row, (seq, n) in enumerate(current.batch):
-            if n != 1:
-                return None
-            if seq.status is not Status.RUNNING:  # ended or preempted since
-                continue
-            if len(seq.output_ids) + 1 >= seq.params.max_tokens or len(seq) + 1 >= max_seq_len:
-                continue  # `current` gives it its last token: nothing to compute for it after that
-            batch.append((seq, 1))
-            rows.append(row)
-        # Room for the token `current` computes and the one this step computes, without preempting.
-        if not batch or not all(self.blocks.grow(seq, seq.num_computed + 2) for seq, _ in batch):
+        pending = {seq.seq_id: n for seq, n in current.batch}
+        prev_rows = {seq.seq_id: row for row, seq in enumerate(current.to_sample)}
+        plan = self.scheduler.schedule_ahead(pending, set(prev_rows))
+        if not plan or not plan[0]:
             return None
-        logits = self._guarded(self.runner.run_ahead, batch, current.argmax, rows)
-        return self._with_argmax(_Step(batch, [seq for seq, _ in batch], logits))
+        batch, starts = plan
+        to_sample, logits = self._guarded(self.runner.run_ahead, batch, starts, current.argmax, prev_rows)
+        return self._with_argmax(_Step(batch, to_sample, logits))
 
     def _with_argmax(self, step: _Step) -> _Step:
         """Start the argmax on the device (and its copy to the host) when every sampled sequence wants it."""

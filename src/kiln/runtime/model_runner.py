@@ -67,6 +67,21 @@ def _views(buf: torch.Tensor, tokens: int, seqs: int, width: int) -> _Inputs:
     return _Inputs(parts[0], parts[1], parts[2], parts[3], parts[4].view(seqs, width), parts[5])
 
 
+Fed = tuple[torch.Tensor, torch.Tensor]  # token indices of a step, and the ids they take (on the device)
+
+
+def _ahead_rows(rows: list[int], feed: list[tuple[int, int]]) -> list[int]:
+    """A step launched ahead, as the step message's row list: its sampled rows and its feed."""
+    return [len(rows), *rows, *(x for pair in feed for x in pair)]
+
+
+def _split_ahead_rows(message: list[int] | None) -> tuple[list[int], list[tuple[int, int]]]:
+    assert message, "a step launched ahead carries its rows"
+    n = message[0]
+    rest = message[1 + n :]
+    return message[1 : 1 + n], list(zip(rest[0::2], rest[1::2]))
+
+
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
@@ -126,24 +141,43 @@ class ModelRunner:
         return to_sample, self._execute(host, count, len(batch), width, rows)
 
     @torch.inference_mode()
-    def run_ahead(self, batch: Batch, prev: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """A decode step launched while the previous one still runs: every sequence is one token further
-        than the host knows, and that token is `prev[rows[i]]` (the previous step's argmax, on the
-        device). Returns the logits [len(batch), vocab] of the new positions."""
-        ids = self._feedback(prev, rows)
-        n = len(batch)
-        if self.graphs and n <= max(self.graphs):
-            size = min(s for s in self.graphs if s >= n)
-            host = self._pack(batch, size, size, self.max_blocks, ahead=True)
-            self._send(OP_GRAPH_AHEAD, size, size, self.max_blocks, host, rows)
-            return self._replay(size, host, ids)[:n]
-        width = max(self.max_blocks, *(len(seq.block_table) for seq, _ in batch))
-        host = self._pack(batch, n, n, width, ahead=True)
-        self._send(OP_FORWARD_AHEAD, n, n, width, host, rows)
-        return self._execute(host, n, n, width, list(range(n)), ids)
+    def run_ahead(
+        self, batch: Batch, starts: list[int], prev: torch.Tensor, prev_rows: dict[int, int],
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """A step launched while the previous one still runs (runtime/engine.py, overlapped steps).
 
-    def _feedback(self, prev: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        return prev.index_select(0, torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True))
+        Sequence i computes n_i tokens from position starts[i], which may be past what the host has
+        computed. A sequence starting at its length (one token past what the host holds) takes that
+        token from the device: prev[prev_rows[seq_id]], the previous step's argmax. Returns, like `run`,
+        the sequences to sample for (those whose step reaches their last token) and their logits.
+        """
+        count = 0
+        rows: list[int] = []
+        to_sample: list[Sequence] = []
+        feed: list[tuple[int, int]] = []  # (token index in this step, row of prev)
+        for (seq, n), start in zip(batch, starts):
+            if start >= len(seq):
+                feed.append((count, prev_rows[seq.seq_id]))
+            count += n
+            if start + n >= len(seq):  # its last known token, or the fed one after it
+                rows.append(count - 1)
+                to_sample.append(seq)
+        fed = self._feedback(prev, feed)
+        n_seqs = len(batch)
+        if self.graphs and count == n_seqs == len(rows) and n_seqs <= max(self.graphs):
+            size = min(s for s in self.graphs if s >= n_seqs)
+            host = self._pack(batch, size, size, self.max_blocks, starts)
+            self._send(OP_GRAPH_AHEAD, size, size, self.max_blocks, host, _ahead_rows([], feed))
+            return to_sample, self._replay(size, host, fed)[:n_seqs]
+        width = max(self.max_blocks, *(len(seq.block_table) for seq, _ in batch))
+        host = self._pack(batch, count, n_seqs, width, starts)
+        self._send(OP_FORWARD_AHEAD, count, n_seqs, width, host, _ahead_rows(rows, feed))
+        return to_sample, self._execute(host, count, n_seqs, width, rows, fed)
+
+    def _feedback(self, prev: torch.Tensor, feed: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token indices, their ids taken from prev), on the device."""
+        pairs = torch.tensor(feed, dtype=torch.int64).reshape(-1, 2).to(self.device, non_blocking=True)
+        return pairs[:, 0], prev.index_select(0, pairs[:, 1])
 
     @torch.inference_mode()
     def run_all_logits(self, batch: Batch) -> torch.Tensor:
@@ -173,11 +207,12 @@ class ModelRunner:
             if op in (OP_GRAPH_AHEAD, OP_FORWARD_AHEAD):
                 if argmax is None:
                     raise RuntimeError("a step launched ahead, but no step before it to take tokens from")
-                ids = self._feedback(argmax, rows)
+                sample_rows, feed = _split_ahead_rows(rows)
+                fed = self._feedback(argmax, feed)
                 if op == OP_GRAPH_AHEAD:
-                    logits = self._replay(tokens, host, ids)
+                    logits = self._replay(tokens, host, fed)
                 else:
-                    logits = self._execute(host, tokens, seqs, width, list(range(seqs)), ids)
+                    logits = self._execute(host, tokens, seqs, width, sample_rows, fed)
             elif op == OP_GRAPH:
                 logits = self._replay(tokens, host)
             else:
@@ -185,21 +220,21 @@ class ModelRunner:
             argmax = logits.argmax(dim=-1) if op != OP_ALL_LOGITS and logits.numel() else None
 
     def _execute(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None,
-                 ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the model on one packed step; logits of the token rows `rows` (None: every token). `ids`,
-        on the device, replaces the first token ids of the packed ones (see run_ahead)."""
+                 fed: Fed | None = None) -> torch.Tensor:
+        """Run the model on one packed step; logits of the token rows `rows` (None: every token). `fed`
+        (token indices, ids; on the device) replaces those token ids of the packed ones (run_ahead)."""
         if self.step_trace:
             self.step_trace.launch("eager", tokens)
-        logits = self._forward(host, tokens, seqs, width, rows, ids)
+        logits = self._forward(host, tokens, seqs, width, rows, fed)
         if self.step_trace:
             self.step_trace.queued()
         return logits
 
     def _forward(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None,
-                 ids: torch.Tensor | None = None) -> torch.Tensor:
+                 fed: Fed | None = None) -> torch.Tensor:
         inputs = _views(host.to(self.device), tokens, seqs, width)
-        if ids is not None:
-            inputs.ids[: ids.numel()].copy_(ids)
+        if fed is not None:
+            inputs.ids.index_copy_(0, *fed)
         lens = host[3 * tokens : 3 * tokens + seqs].tolist()
         starts = host[-(seqs + 1) :].tolist()
         query_lens = [b - a for a, b in zip(starts, starts[1:])]
@@ -211,11 +246,11 @@ class ModelRunner:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
         return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
 
-    def _pack(self, batch: Batch, tokens: int, seqs: int, width: int, ahead: bool = False) -> torch.Tensor:
+    def _pack(self, batch: Batch, tokens: int, seqs: int, width: int, starts: list[int] | None = None) -> torch.Tensor:
         """The host side of one step, as one int64 tensor laid out as `_views` reads it. Rows past the
-        batch (bucket padding) have slot -1, length 0 and block 0. With `ahead`, every sequence decodes
-        the position after the one its step in flight computes, and its token id is left 0 (the device
-        fills it in: run_ahead). (benchmarks/host_overhead.py times this.)"""
+        batch (bucket padding) have slot -1, length 0 and block 0. Sequence i starts at starts[i] if
+        given (run_ahead), else at its first uncomputed token; a token the host does not have yet is
+        left 0 (the device fills it in). (benchmarks/host_overhead.py times this.)"""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -224,15 +259,16 @@ class ModelRunner:
         qsl = [0]
         bs = self.block_size
         end = 0
-        for seq, n in batch:
-            start = seq.num_computed + ahead
+        for i, (seq, n) in enumerate(batch):
+            start = seq.num_computed if starts is None else starts[i]
             table = seq.block_table
             if n == 1:  # a decode: one token, most steps' only kind
-                ids.append(0 if ahead else seq.ids(start, start + 1)[0])
+                ids.append(seq.ids(start, start + 1)[0] if start < len(seq) else 0)
                 positions.append(start)
                 slots.append(table[start // bs] * bs + start % bs)
             else:
-                ids += seq.ids(start, start + n)
+                known = seq.ids(start, start + n)
+                ids += known + [0] * (n - len(known))
                 span = range(start, start + n)
                 positions += span
                 slots += [table[p // bs] * bs + p % bs for p in span]
@@ -300,15 +336,15 @@ class ModelRunner:
             self.graphs[size] = _Graph(graph, buf, logits)
         torch.cuda.synchronize(self.device)
 
-    def _replay(self, size: int, host: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Replay the graph of bucket `size` on packed inputs (the first token ids replaced by `ids`, on
-        the device, if given); its logits [size, vocab]."""
+    def _replay(self, size: int, host: torch.Tensor, fed: Fed | None = None) -> torch.Tensor:
+        """Replay the graph of bucket `size` on packed inputs (token ids replaced as `fed` says, on the
+        device: run_ahead); its logits [size, vocab]."""
         g = self.graphs[size]
         if self.step_trace:
             self.step_trace.launch("graph", size)
         g.buf.copy_(host, non_blocking=True)
-        if ids is not None:
-            g.buf[: ids.numel()].copy_(ids)
+        if fed is not None:
+            g.buf.index_copy_(0, *fed)  # the ids come first in the buffer
         g.graph.replay()
         if self.step_trace:
             self.step_trace.queued()

@@ -51,7 +51,48 @@ class Scheduler:
             else:
                 batch.append((seq, n))
                 budget -= n
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.build.max_batch_size:
+        if not preempted:
+            batch += self._admit(budget)
+        return batch
+
+    def schedule_ahead(self, pending: dict[int, int], sampled: set[int]) -> tuple[Batch, list[int]] | None:
+        """The next step while one is still in flight (runtime/engine.py, overlapped steps): the batch,
+        and where each sequence starts. `pending`: seq_id -> tokens the step in flight computes;
+        `sampled`: the seq_ids it samples (each will be one token longer, its token on the device).
+
+        Like `schedule`, but a sequence starts past its pending tokens, and one that gets its last token
+        (by length) from the step in flight is left out. Never preempts: None when a running sequence
+        needs a block and none is free (the step is then scheduled the plain way, after the collect).
+        """
+        budget = self.build.max_num_tokens
+        batch: Batch = []
+        starts: list[int] = []
+        for seq in self.running:
+            if budget == 0:
+                break
+            start = seq.num_computed + pending.get(seq.seq_id, 0)
+            length = len(seq)
+            if seq.seq_id in sampled:
+                if len(seq.output_ids) + 1 >= seq.params.max_tokens or length + 1 >= self.build.max_seq_len:
+                    continue  # the step in flight gives it its last token
+                length += 1
+            n = min(length - start, budget)
+            if n <= 0:
+                continue
+            if not self.blocks.grow(seq, start + n):
+                return None
+            batch.append((seq, n))
+            starts.append(start)
+            budget -= n
+        for seq, n in self._admit(budget):
+            batch.append((seq, n))
+            starts.append(seq.num_computed)
+        return batch, starts
+
+    def _admit(self, budget: int) -> Batch:
+        """Admit waiting sequences while the budget, max_batch_size and the free blocks allow."""
+        batch: Batch = []
+        while self.waiting and budget > 0 and len(self.running) < self.build.max_batch_size:
             seq = self.waiting[0]
             seq.cached_tokens = self.blocks.match_prefix(seq)
             n = min(len(seq) - seq.num_computed, budget)
