@@ -98,7 +98,19 @@ def main() -> None:
     runner._replay = lambda size, host, ids=None: logits[:size]
     sched.schedule = schedule
     runner.run = timed("run (pack)", runner.run)
-    if hasattr(runner, "run_ahead"):  # (so that older trees can be measured with this script too)
+    if hasattr(sched, "schedule_ahead"):  # (so that older trees can be measured with this script too)
+        orig_ahead = sched.schedule_ahead
+
+        def schedule_ahead(pending, sampled):  # noqa: ANN001, ANN202
+            t = time.perf_counter()
+            plan = orig_ahead(pending, sampled)
+            state["decode"] = bool(plan) and all(n == 1 for _, n in plan[0])
+            if state["decode"]:
+                times["schedule"] += time.perf_counter() - t
+            return plan
+
+        sched.schedule_ahead = schedule_ahead
+    if hasattr(runner, "run_ahead"):
         runner.run_ahead = timed("run (pack)", runner.run_ahead)
         llm._with_argmax = timed("sample", llm._with_argmax)
     engine_mod.sample = timed("sample", engine_mod.sample)

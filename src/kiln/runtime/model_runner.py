@@ -176,7 +176,8 @@ class ModelRunner:
 
     def _feedback(self, prev: torch.Tensor, feed: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(token indices, their ids taken from prev), on the device."""
-        pairs = torch.tensor(feed, dtype=torch.int64).reshape(-1, 2).to(self.device, non_blocking=True)
+        flat = [x for pair in feed for x in pair]
+        pairs = torch.tensor(flat, dtype=torch.int64).view(-1, 2).to(self.device, non_blocking=True)
         return pairs[:, 0], prev.index_select(0, pairs[:, 1])
 
     @torch.inference_mode()
