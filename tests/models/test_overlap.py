@@ -159,3 +159,14 @@ def test_no_step_is_launched_past_the_last_token(model: HFModel, counted: list[i
     llm.runner.run, llm.runner.run_ahead = run, run_ahead
     drive(llm, [greedy(9)] * len(PROMPTS), counted, overlap=True)
     assert steps[0] == 9  # one prefill step, then one per further token, and no wasted one
+
+
+def test_seeded_draws_overlap_and_equal_the_plain_order(model: HFModel, counted: list[int]) -> None:
+    """Drawn tokens are chosen on the device too: seeded requests overlap, and draw what they draw in
+    the plain order (each from its own generator, one draw per token)."""
+    llm = model.llm(max_batch_size=8, tokens_per_block=4)
+    params = [SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, top_k=20, seed=100 + i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    plain, ahead = both(llm, params, counted)
+    assert ahead.ahead_steps > 5
+    assert len({tuple(o) for o in plain.outputs}) > 1 and all(len(o) == 12 for o in plain.outputs)

@@ -31,7 +31,7 @@ from kiln.runtime.kv_cache import BlockManager
 from kiln.runtime.loader import ModelSource
 from kiln.runtime.memory import num_kv_blocks
 from kiln.runtime.model_runner import ModelRunner
-from kiln.runtime.sampler import sample
+from kiln.runtime.sampler import choose, on_device, sample
 from kiln.runtime.scheduler import Batch, Scheduler
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.tokenizer import TextStream, load_tokenizer
@@ -67,7 +67,7 @@ class _Step:
     batch: Batch
     to_sample: list[Sequence]
     logits: torch.Tensor
-    argmax: torch.Tensor | None = None  # on the device, when every sampled sequence takes the argmax
+    argmax: torch.Tensor | None = None  # the tokens, chosen on the device (sampler.choose), when it can
     host: torch.Tensor | None = None  # the argmax on its way to the host (CUDA)
     ready: Any = None  # CUDA event: `host` has arrived
 
@@ -271,16 +271,18 @@ class LLM:
         return [results[i] for i in range(len(prompts))]
 
     # ---- steps -----------------------------------------------------------------------------
-    # A step is launched, then collected: its tokens reach the host, are sampled (or taken: the argmax
-    # computed on the device) and appended. With `overlap` (the default), when every sequence a step
-    # samples takes the argmax, the next step is scheduled and launched before that step's tokens reach
-    # the host: each sequence starts past the tokens in flight, and the one token the host does not have
-    # yet comes from the device's argmax. The host then appends tokens, checks stops and hands out results
-    # while the device computes, instead of the device waiting for the host between steps. New sequences
-    # are admitted into such steps as usual. A sequence that ends at step n (an end id, a stop sequence, a
-    # cancel) was already in step n + 1: that row's work is dropped (its token is never appended); one
-    # that ends by length is left out. A step after one that samples (temperature, penalties, log
-    # probabilities), or that would need to preempt, is scheduled the plain way after the collect.
+    # A step is launched, then collected: its tokens reach the host and are appended. With `overlap` (the
+    # default), when a step's tokens are chosen on the device (greedy or drawn, with no penalties or log
+    # probabilities to compute on the host: sampler.choose), the next step is scheduled and launched
+    # before that step's tokens reach the host: each sequence starts past the tokens in flight, and the
+    # one token the host does not have yet is copied on the device from the chosen ones. The host then
+    # appends tokens, checks stops and hands out results while the device computes, instead of the
+    # device waiting for the host between steps. New sequences are admitted into such steps as usual. A
+    # sequence that ends at step n (an end id, a stop sequence, a cancel) was already in step n + 1: that
+    # row's work is dropped (its token is never appended); one that ends by length is left out. A step
+    # after one whose tokens the host picks, or that would need to preempt, is scheduled the plain way
+    # after the collect. With tensor parallelism only greedy tokens are fed back (every rank computes
+    # the same argmax; a draw happens on rank 0 alone).
 
     @torch.inference_mode()  # the sampler's penalties edit the runner's logits (inference tensors) in place
     def step(self) -> list[tuple[Sequence, list[int]]]:
@@ -314,9 +316,15 @@ class LLM:
         return self._with_argmax(_Step(batch, to_sample, logits))
 
     def _with_argmax(self, step: _Step) -> _Step:
-        """Start the argmax on the device (and its copy to the host) when every sampled sequence wants it."""
-        if step.to_sample and all(seq.params.plain_greedy for seq in step.to_sample):
+        """Choose the step's tokens on the device (and start their copy to the host) when nothing but
+        the logits decides them (no penalties, no log probabilities): the argmax, or a draw."""
+        if not step.to_sample:
+            return step
+        if self.group is None and on_device(step.to_sample):
+            step.argmax = choose(step.logits, step.to_sample)
+        elif all(seq.params.plain_greedy for seq in step.to_sample):  # the other ranks can take it too
             step.argmax = step.logits.argmax(dim=-1)
+        if step.argmax is not None:
             if step.argmax.is_cuda:
                 step.host = step.argmax.to("cpu", non_blocking=True)
                 step.ready = torch.cuda.Event()

@@ -82,29 +82,42 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     logp = torch.log_softmax(logits[want], dim=-1) if want else None  # before the penalties edit logits
     if any(seq.params.edits_logits for seq in seqs):
         logits = apply_penalties(logits, seqs)
-    greedy = logits.argmax(dim=-1)
-    drawn = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
-    if drawn:
-        params = [seqs[row].params for row in drawn]
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
-        probs = torch.softmax(filter_rows(logits[drawn] / temps[:, None], [p.top_k for p in params],
-                                          [p.top_p for p in params]), dim=-1)
-        # extreme settings can overflow float32 (no distribution left): those rows take the argmax
-        ok = torch.isfinite(probs).all(dim=-1)
-        probs = torch.where(ok[:, None], probs, 0.0)
-        probs[:, 0] += (~ok).to(probs.dtype)  # (any valid distribution: the row is replaced below)
-        tokens = torch.empty(len(drawn), dtype=torch.int64, device=logits.device)
-        own = [i for i, row in enumerate(drawn) if seqs[row].generator is not None]
-        shared = [i for i, row in enumerate(drawn) if seqs[row].generator is None]
-        if shared:
-            tokens[shared] = torch.multinomial(probs[shared], 1)[:, 0]
-        for i in own:
-            tokens[i] = torch.multinomial(probs[i], 1, generator=seqs[drawn[i]].generator)[0]
-        greedy[drawn] = torch.where(ok, tokens, greedy[drawn])
-    chosen = greedy.tolist()
+    chosen = choose(logits, seqs).tolist()
     for j, row in enumerate(want):
         record_logprobs(seqs[row], logp[j], chosen[row])
     return chosen
+
+
+def on_device(seqs: list[Sequence]) -> bool:
+    """Whether `choose` alone picks these sequences' tokens: nothing needs the host's copy of their
+    tokens so far (penalties, banned words) or records log probabilities."""
+    return all(not seq.params.edits_logits and seq.params.logprobs is None for seq in seqs)
+
+
+def choose(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The token of each row, on the logits' device and without waiting for it: the argmax for greedy
+    rows, a draw for the others (penalties already applied)."""
+    greedy = logits.argmax(dim=-1)
+    drawn = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
+    if not drawn:
+        return greedy
+    params = [seqs[row].params for row in drawn]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).to(logits.device, non_blocking=True)
+    probs = torch.softmax(filter_rows(logits[drawn] / temps[:, None], [p.top_k for p in params],
+                                      [p.top_p for p in params]), dim=-1)
+    # extreme settings can overflow float32 (no distribution left): those rows take the argmax
+    ok = torch.isfinite(probs).all(dim=-1)
+    probs = torch.where(ok[:, None], probs, 0.0)
+    probs[:, 0] += (~ok).to(probs.dtype)  # (any valid distribution: the row is replaced below)
+    tokens = torch.empty(len(drawn), dtype=torch.int64, device=logits.device)
+    own = [i for i, row in enumerate(drawn) if seqs[row].generator is not None]
+    shared = [i for i, row in enumerate(drawn) if seqs[row].generator is None]
+    if shared:
+        tokens[shared] = torch.multinomial(probs[shared], 1)[:, 0]
+    for i in own:
+        tokens[i] = torch.multinomial(probs[i], 1, generator=seqs[drawn[i]].generator)[0]
+    greedy[drawn] = torch.where(ok, tokens, greedy[drawn])
+    return greedy
 
 
 def record_logprobs(seq: Sequence, logp: torch.Tensor, token: int) -> None:
