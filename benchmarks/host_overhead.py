@@ -112,7 +112,7 @@ def main() -> None:
         sched.schedule_ahead = schedule_ahead
     if hasattr(runner, "run_ahead"):
         runner.run_ahead = timed("run (pack)", runner.run_ahead)
-        llm._with_argmax = timed("sample", llm._with_argmax)
+        llm._choose_on_device = timed("sample", llm._choose_on_device)
     engine_mod.sample = timed("sample", engine_mod.sample)
     sched.update = timed("update", update)
     llm._event = timed("events", llm._event)

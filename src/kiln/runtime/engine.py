@@ -67,8 +67,8 @@ class _Step:
     batch: Batch
     to_sample: list[Sequence]
     logits: torch.Tensor
-    argmax: torch.Tensor | None = None  # the tokens, chosen on the device (sampler.choose), when it can
-    host: torch.Tensor | None = None  # the argmax on its way to the host (CUDA)
+    chosen: torch.Tensor | None = None  # the tokens, chosen on the device (sampler.choose), when they can be
+    host: torch.Tensor | None = None  # `chosen` on its way to the host (CUDA)
     ready: Any = None  # CUDA event: `host` has arrived
 
 
@@ -299,12 +299,12 @@ class LLM:
         if not batch:
             raise RuntimeError("no sequence could be scheduled: the KV cache is too small for a request")
         to_sample, logits = self._guarded(self.runner.run, batch)
-        return self._with_argmax(_Step(batch, to_sample, logits))
+        return self._choose_on_device(_Step(batch, to_sample, logits))
 
     def _launch_next(self, current: _Step) -> _Step | None:
         """The step after `current`, launched before `current`'s tokens are on the host; None when it
         must wait for them (see above)."""
-        if current.argmax is None:
+        if current.chosen is None:
             return None
         pending = {seq.seq_id: n for seq, n in current.batch}
         prev_rows = {seq.seq_id: row for row, seq in enumerate(current.to_sample)}
@@ -312,33 +312,32 @@ class LLM:
         if not plan or not plan[0]:
             return None
         batch, starts = plan
-        to_sample, logits = self._guarded(self.runner.run_ahead, batch, starts, current.argmax, prev_rows)
-        return self._with_argmax(_Step(batch, to_sample, logits))
+        to_sample, logits = self._guarded(self.runner.run_ahead, batch, starts, current.chosen, prev_rows)
+        return self._choose_on_device(_Step(batch, to_sample, logits))
 
-    def _with_argmax(self, step: _Step) -> _Step:
+    def _choose_on_device(self, step: _Step) -> _Step:
         """Choose the step's tokens on the device (and start their copy to the host) when nothing but
         the logits decides them (no penalties, no log probabilities): the argmax, or a draw."""
         if not step.to_sample:
             return step
         if self.group is None and on_device(step.to_sample):
-            step.argmax = choose(step.logits, step.to_sample)
+            step.chosen = choose(step.logits, step.to_sample)
         elif all(seq.params.plain_greedy for seq in step.to_sample):  # the other ranks can take it too
-            step.argmax = step.logits.argmax(dim=-1)
-        if step.argmax is not None:
-            if step.argmax.is_cuda:
-                step.host = step.argmax.to("cpu", non_blocking=True)
-                step.ready = torch.cuda.Event()
-                step.ready.record()
+            step.chosen = step.logits.argmax(dim=-1)
+        if step.chosen is not None and step.chosen.is_cuda:
+            step.host = step.chosen.to("cpu", non_blocking=True)
+            step.ready = torch.cuda.Event()
+            step.ready.record()
         return step
 
     def _collect(self, step: _Step) -> list[tuple[Sequence, list[int]]]:
-        if step.argmax is None:
+        if step.chosen is None:
             tokens = sample(step.logits, step.to_sample)
         elif step.ready is not None:
             step.ready.synchronize()
             tokens = step.host.tolist()
         else:
-            tokens = step.argmax.tolist()
+            tokens = step.chosen.tolist()
         if self.runner.step_trace:
             self.runner.step_trace.done()
         self.last_step_tokens = sum(n for _, n in step.batch)
