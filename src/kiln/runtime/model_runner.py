@@ -148,8 +148,9 @@ class ModelRunner:
 
         Sequence i computes n_i tokens from position starts[i], which may be past what the host has
         computed. A sequence starting at its length (one token past what the host holds) takes that
-        token from the device: prev[prev_rows[seq_id]], the previous step's chosen tokens. Returns, like `run`,
-        the sequences to sample for (those whose step reaches their last token) and their logits.
+        token from the device: prev[prev_rows[seq_id]], of the previous step's chosen tokens. Returns,
+        like `run`, the sequences to sample for (those whose step reaches their last token) and their
+        logits.
         """
         count = 0
         rows: list[int] = []
