@@ -139,7 +139,7 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "tp.json"
     cmd = [sys.executable, "-m", "kiln", "bench", "throughput", "--synthetic", "smollm2-135m", "--dtype",
            "float32", "--num_requests", "6", "--input_len", "8", "--output_len", "4", "--max_batch_size", "4",
-           "--device", "cpu", "--output_json", str(out)]
+           "--device", "cpu", "--output_json", str(out), "--temperature", "0.8", "--top_p", "0.9"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           timeout=300)
     assert done.returncode == 0, done.stderr
@@ -148,6 +148,16 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     assert data["max_batch_size"] == 4 and data["ttft_s"]["count"] == 6
     assert done.stdout.startswith("kiln bench throughput: synthetic smollm2-135m")
     assert "output tokens/s" in done.stdout
+    assert "tokens drawn at temperature 0.8, top_k 0, top_p 0.9" in done.stdout  # drawn: all 24 arrived
+
+
+def test_cli_refuses_a_bad_sampling_setting_by_name(capsys: pytest.CaptureFixture) -> None:
+    from kiln.cli import main
+
+    rc = main(["bench", "throughput", "--synthetic", "smollm2-135m", "--num_requests", "1", "--input_len", "1",
+               "--output_len", "1", "--device", "cpu", "--temperature", "0.5", "--top_p", "1.5"])
+    assert rc == 1
+    assert "top_p 1.5 is invalid: it must be in (0, 1]" in capsys.readouterr().err
 
 
 def test_cli_refuses_synthetic_only_flags_with_an_engine(tmp_path: Path,

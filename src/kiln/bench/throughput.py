@@ -7,6 +7,7 @@ A short warm-up runs first, so kernel compilation and first-call allocations are
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -152,12 +153,16 @@ def check_fits(build: BuildConfig, input_lens: list[int], output_lens: list[int]
         )
 
 
-def measure_throughput(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> ThroughputResult:
-    """Warm up, then submit every request at once and time each token as the stream yields it."""
+def measure_throughput(
+    llm: LLM, prompts: list[list[int]], output_lens: list[int], sampling: SamplingParams | None = None,
+) -> ThroughputResult:
+    """Warm up, then submit every request at once and time each token as the stream yields it.
+    `sampling` sets how tokens are chosen (greedy by default); its max_tokens is each request's own."""
     if len(prompts) != len(output_lens):
         raise ValueError("one output length per prompt")
-    params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for o in output_lens]
-    warm = SamplingParams(max_tokens=min(WARMUP_TOKENS, *output_lens), temperature=0, ignore_eos=True)
+    base = sampling or SamplingParams(temperature=0)
+    params = [dataclasses.replace(base, max_tokens=o, ignore_eos=True) for o in output_lens]
+    warm = dataclasses.replace(base, max_tokens=min(WARMUP_TOKENS, *output_lens), ignore_eos=True)
     vocab = llm.config.model.vocab_size
     # other ids than the measured prompts', so that the prefix cache has nothing of theirs
     # A full batch of the measured prompt lengths: its prefill is chunked and mixed with decodes, so every

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiln.cli.options import non_negative_float, positive_int, seed_int
+from kiln.cli.options import non_negative_float, non_negative_int, positive_int, seed_int
 from kiln.config import DTYPES, QFORMATS
 
 if TYPE_CHECKING:
@@ -127,6 +127,10 @@ def add_throughput_parser(kinds: argparse._SubParsersAction) -> None:
     p.add_argument("--max_num_tokens", type=positive_int, default=None,
                    help="with --synthetic: most tokens per step; longer prompts are prefilled in chunks "
                    "(default 8192)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="how tokens are chosen: 0 (default, as trtllm-bench) takes the argmax; more draws")
+    p.add_argument("--top_k", type=non_negative_int, default=0, help="with --temperature: top-k (0: off)")
+    p.add_argument("--top_p", type=float, default=1.0, help="with --temperature: nucleus mass (1: off)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when visible)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the prompts and lengths (default 0)")
     p.add_argument("--output_json", help="write the figures as JSON")
@@ -139,8 +143,11 @@ def throughput_main(args: argparse.Namespace) -> int:
     from kiln.bench.lengths import describe_lengths, draw_lengths
     from kiln.bench.throughput import measure_throughput, random_prompts
     from kiln.builder.device import default_device
+    from kiln.config import SamplingParams
     from kiln.errors import KilnError
 
+    # checked before anything loads (SamplingParams names the field and its limit)
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     device = args.device or default_device()
     input_lens = draw_lengths(args.num_requests, args.input_len, args.input_len_dist, args.len_range,
                               args.seed, "--input_len")
@@ -152,7 +159,7 @@ def throughput_main(args: argparse.Namespace) -> int:
         else:
             llm, what = _engine_llm(args, device, input_lens, output_lens)
         prompts = random_prompts(input_lens, llm.config.model.vocab_size, args.seed)
-        result = measure_throughput(llm, prompts, output_lens)
+        result = measure_throughput(llm, prompts, output_lens, sampling)
     except torch.OutOfMemoryError:
         raise KilnError(
             f"out of device memory on {device}, with requests of up to "
@@ -162,6 +169,9 @@ def throughput_main(args: argparse.Namespace) -> int:
         ) from None
     build = llm.config.build
     print(f"kiln bench throughput: {what} on {_ranks(llm)}")
+    chosen = ("greedy" if sampling.greedy else
+              f"drawn at temperature {sampling.temperature}, top_k {sampling.top_k}, top_p {sampling.top_p}")
+    print(f"  tokens {chosen}")
     print(f"  max_batch_size {build.max_batch_size}, max_num_tokens {build.max_num_tokens}; input_len "
           f"{describe_lengths(args.input_len, args.input_len_dist, args.len_range)}, output_len "
           f"{describe_lengths(args.output_len, args.output_len_dist, args.len_range)}, seed {args.seed}")
