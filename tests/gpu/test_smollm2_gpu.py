@@ -116,3 +116,33 @@ def test_gpu_matches_cpu_reference(
           f"({(ppl_gpu / ppl_cpu - 1) * 100:+.2f}%)")
     assert agree >= 0.99
     assert abs(ppl_gpu / ppl_cpu - 1) <= 0.005
+
+
+def test_overlapped_steps_equal_plain_ones_on_the_gpu(smollm2_hf: Path, tmp_path: Path) -> None:
+    """Steps launched before the previous step's tokens reach the host (the default) give the tokens of
+    plain steps, greedy and drawn, with decode steps replayed from CUDA graphs. One request at a time, so
+    both orders run the very same graph (a batch of another size could round bf16 differently)."""
+    ckpt = quantize(QuantizeRequest(model_dir=smollm2_hf, output_dir=tmp_path / "ckpt", qformat="full_prec",
+                                    dtype="bfloat16", device="cuda"))
+    limits = BuildConfig(max_batch_size=4, max_input_len=64, max_seq_len=192, max_num_tokens=256)
+    build_engine(ckpt, tmp_path / "engine", limits, "cuda")
+    llm = LLM(tmp_path / "engine", smollm2_hf, device="cuda")
+    assert llm.runner.graphs
+    ahead = [0]
+    run_ahead = llm.runner.run_ahead
+
+    def counted(*args):  # noqa: ANN002, ANN202
+        ahead[0] += 1
+        return run_ahead(*args)
+
+    llm.runner.run_ahead = counted
+    settings = [SamplingParams(max_tokens=96, temperature=0, ignore_eos=True),
+                SamplingParams(max_tokens=96, temperature=0.8, top_p=0.95, seed=11, ignore_eos=True)]
+    for params in settings:
+        for prompt in ("The capital of France is", "In the beginning God created the heaven"):
+            outputs = {}
+            for overlap in (False, True):
+                llm.overlap, ahead[0] = overlap, 0
+                outputs[overlap] = llm.generate([prompt], params)[0].output_ids
+                assert (ahead[0] > 80) == overlap
+            assert outputs[True] == outputs[False], (prompt, params.temperature)
