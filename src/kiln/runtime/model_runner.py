@@ -41,6 +41,7 @@ from kiln.runtime.kv_cache import allocate_kv_cache
 from kiln.runtime.scheduler import Batch
 from kiln.runtime.sequence import Sequence
 from kiln.runtime.steptrace import StepTrace
+from kiln.runtime.transfer import pinned, to_device
 
 
 def graph_buckets(max_batch_size: int) -> list[int]:
@@ -178,7 +179,7 @@ class ModelRunner:
     def _feedback(self, prev: torch.Tensor, feed: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(token indices, their ids taken from prev), on the device."""
         flat = [x for pair in feed for x in pair]
-        pairs = torch.tensor(flat, dtype=torch.int64).view(-1, 2).to(self.device, non_blocking=True)
+        pairs = to_device(flat, self.device).view(-1, 2)
         return pairs[:, 0], prev.index_select(0, pairs[:, 1])
 
     @torch.inference_mode()
@@ -234,7 +235,7 @@ class ModelRunner:
 
     def _forward(self, host: torch.Tensor, tokens: int, seqs: int, width: int, rows: list[int] | None,
                  fed: Fed | None = None) -> torch.Tensor:
-        inputs = _views(host.to(self.device), tokens, seqs, width)
+        inputs = _views(to_device(host, self.device), tokens, seqs, width)
         if fed is not None:
             inputs.ids.index_copy_(0, *fed)
         lens = host[3 * tokens : 3 * tokens + seqs].tolist()
@@ -246,7 +247,7 @@ class ModelRunner:
             return self.model.compute_logits(hidden)
         if not rows:
             return hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
-        return self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return self.model.compute_logits(hidden[to_device(rows, self.device)])
 
     def _pack(self, batch: Batch, tokens: int, seqs: int, width: int, starts: list[int] | None = None) -> torch.Tensor:
         """The host side of one step, as one int64 tensor laid out as `_views` reads it. Rows past the
@@ -344,7 +345,7 @@ class ModelRunner:
         g = self.graphs[size]
         if self.step_trace:
             self.step_trace.launch("graph", size)
-        g.buf.copy_(host, non_blocking=True)
+        g.buf.copy_(pinned(host), non_blocking=True)
         if fed is not None:
             g.buf.index_copy_(0, *fed)  # the ids come first in the buffer
         g.graph.replay()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kiln.runtime.sequence import Sequence
+from kiln.runtime.transfer import to_device
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -54,14 +55,14 @@ def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> t
     ks = [k if 0 < k < vocab else 0 for k in top_k]
     if any(ks):
         kth = torch.topk(logits, max(ks), dim=-1).values  # [rows, max k], descending
-        index = torch.tensor([max(k, 1) - 1 for k in ks], device=logits.device)
+        index = to_device([max(k, 1) - 1 for k in ks], logits.device)
         threshold = kth.gather(1, index[:, None])
-        off = torch.tensor([k == 0 for k in ks], device=logits.device)[:, None]
+        off = to_device([k == 0 for k in ks], logits.device, torch.bool)[:, None]
         logits = logits.masked_fill(~off & (logits < threshold), float("-inf"))
     if any(p < 1.0 for p in top_p):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
-        limit = torch.tensor(top_p, dtype=probs.dtype, device=logits.device)[:, None]
+        limit = to_device(top_p, logits.device, probs.dtype)[:, None]
         drop = (probs.cumsum(-1) - probs >= limit) & (limit < 1.0)  # keep until the mass reaches top_p
         drop[:, 0] = False  # the most likely token always stays, however small top_p is
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
@@ -102,8 +103,9 @@ def choose(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if not drawn:
         return greedy
     params = [seqs[row].params for row in drawn]
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).to(logits.device, non_blocking=True)
-    probs = torch.softmax(filter_rows(logits[drawn] / temps[:, None], [p.top_k for p in params],
+    rows = to_device(drawn, logits.device)
+    temps = to_device([p.temperature for p in params], logits.device, logits.dtype)
+    probs = torch.softmax(filter_rows(logits.index_select(0, rows) / temps[:, None], [p.top_k for p in params],
                                       [p.top_p for p in params]), dim=-1)
     # extreme settings can overflow float32 (no distribution left): those rows take the argmax
     ok = torch.isfinite(probs).all(dim=-1)
@@ -113,10 +115,11 @@ def choose(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     own = [i for i, row in enumerate(drawn) if seqs[row].generator is not None]
     shared = [i for i, row in enumerate(drawn) if seqs[row].generator is None]
     if shared:
-        tokens[shared] = torch.multinomial(probs[shared], 1)[:, 0]
+        at = to_device(shared, logits.device)
+        tokens.index_copy_(0, at, torch.multinomial(probs.index_select(0, at), 1)[:, 0])
     for i in own:
-        tokens[i] = torch.multinomial(probs[i], 1, generator=seqs[drawn[i]].generator)[0]
-    greedy[drawn] = torch.where(ok, tokens, greedy[drawn])
+        tokens[i : i + 1] = torch.multinomial(probs[i], 1, generator=seqs[drawn[i]].generator)
+    greedy.index_copy_(0, rows, torch.where(ok, tokens, greedy.index_select(0, rows)))
     return greedy
 
 
