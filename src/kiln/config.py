@@ -261,6 +261,12 @@ class SamplingParams:
             self.presence_penalty or self.frequency_penalty)
 
     @functools.cached_property
+    def needs_host(self) -> bool:
+        """Whether choosing a token needs the host: penalties and banned words read the tokens so far,
+        log probabilities are recorded there."""
+        return self.edits_logits or self.logprobs is not None
+
+    @functools.cached_property
     def plain_greedy(self) -> bool:
         """The argmax of the model's logits is the token: nothing else to do for it."""
-        return self.greedy and not self.edits_logits and self.logprobs is None
+        return self.greedy and not self.needs_host

@@ -84,8 +84,9 @@ def rank_device(kind: str, local_rank: int) -> str:
 # ---- step messages ------------------------------------------------------------------------------
 OP_STOP, OP_FORWARD, OP_GRAPH, OP_ALL_LOGITS = 0, 1, 2, 3
 # A step launched before the previous one's tokens reached rank 0 (runtime/engine.py, overlapped steps):
-# every rank takes its input ids from the argmax of its own previous step's logits (the LM head gathers
-# them, so every rank holds the same), rows[i] for sequence i.
+# the token ids rank 0 does not have yet come from the argmax of each rank's own previous logits (the LM
+# head gathers them, so every rank holds the same); the rows carry the sampled rows and, per fed token,
+# (its index in the step, its row of that argmax) (model_runner._ahead_rows).
 OP_GRAPH_AHEAD, OP_FORWARD_AHEAD = 4, 5
 _HEADER = 6  # op, tokens, seqs, width, number of sampled rows (-1: all), data length
 

@@ -105,10 +105,10 @@ class BlockManager:
 
     def grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Make `seq` hold blocks for `num_tokens` tokens; False (and nothing taken) when too few are free."""
-        need = -(-num_tokens // self.block_size) - len(seq.block_table)
-        if need <= 0:
+        need = self.blocks_for(num_tokens) - len(seq.block_table)
+        if need <= 0:  # (most steps)
             return True
-        if need > len(self._free) + len(self._evictable):
+        if need > self.num_free:
             return False
         for _ in range(need):
             seq.block_table.append(self._allocate())

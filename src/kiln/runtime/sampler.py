@@ -37,16 +37,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """logits: [vocab] -> same with tokens outside the top-k / top-p nucleus set to -inf."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep until the mass reaches top_p
-        drop[0] = False  # the most likely token always stays, however small top_p is
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return logits
+    return filter_rows(logits[None], [top_k], [top_p])[0]
 
 
 def filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -90,9 +81,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
 
 
 def on_device(seqs: list[Sequence]) -> bool:
-    """Whether `choose` alone picks these sequences' tokens: nothing needs the host's copy of their
-    tokens so far (penalties, banned words) or records log probabilities."""
-    return all(not seq.params.edits_logits and seq.params.logprobs is None for seq in seqs)
+    """Whether `choose` alone picks these sequences' tokens (SamplingParams.needs_host)."""
+    return not any(seq.params.needs_host for seq in seqs)
 
 
 def choose(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -73,7 +73,7 @@ class Scheduler:
             start = seq.num_computed + pending.get(seq.seq_id, 0)
             length = len(seq)
             if seq.seq_id in sampled:
-                if len(seq.output_ids) + 1 >= seq.params.max_tokens or length + 1 >= self.build.max_seq_len:
+                if reaches_length(seq, self.build.max_seq_len, extra=1):
                     continue  # the step in flight gives it its last token
                 length += 1
             n = min(length - start, budget)
@@ -162,6 +162,11 @@ def stop_reason(seq: Sequence, max_seq_len: int) -> str | None:
     for stop in p.stop_token_ids:
         if stop and seq.output_ids[-len(stop) :] == list(stop):
             return "stop"
-    if len(seq.output_ids) >= p.max_tokens or len(seq) >= max_seq_len:
+    if reaches_length(seq, max_seq_len):
         return "length"
     return None
+
+
+def reaches_length(seq: Sequence, max_seq_len: int, extra: int = 0) -> bool:
+    """Whether `seq`, with `extra` more tokens, has its max_tokens or the engine's max_seq_len."""
+    return len(seq.output_ids) + extra >= seq.params.max_tokens or len(seq) + extra >= max_seq_len
