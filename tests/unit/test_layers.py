@@ -283,6 +283,39 @@ def test_vocab_embedding_single_rank():
     assert torch.allclose(emb.logits(h), h @ full.T, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_written_into_rows_of_a_shared_buffer(dtype):
+    """CUDA graphs of every batch size write their logits into the first rows of one float32 buffer."""
+    full = torch.randn(7, 3)
+    emb = VocabParallelEmbedding(7, 3).to(dtype)
+    emb.weight_loader("weight", emb.shard("weight", full).to(dtype))
+    shared = torch.full((5, emb.logits_columns), float("nan"))
+    h = torch.randn(2, 3, dtype=dtype)
+    got = emb.logits(h, shared[:2])
+    assert got.data_ptr() == shared.data_ptr() and got.dtype == torch.float32
+    assert torch.equal(got, emb.logits(h))
+    assert torch.isnan(shared[2:]).all()  # the rows past the batch are untouched
+
+
+@dataclass(frozen=True)
+class EchoTP(TPGroup):
+    """Two ranks whose gather returns this rank's logits twice (both ranks hold the same rows)."""
+
+    def all_gather_last_dim(self, x):
+        return torch.cat([x, x], -1)
+
+
+def test_tp_logits_gathered_into_the_shared_buffer():
+    full = torch.randn(5, 4)
+    emb = ParallelLMHead(9, 4, tp=EchoTP(0, 2))  # 5 rows per rank, 10 columns, 9 of them vocabulary
+    emb.weight_loader("weight", full)
+    shared = torch.zeros(3, emb.logits_columns)
+    h = torch.randn(3, 4)
+    got = emb.logits(h, shared)
+    assert emb.logits_columns == 10 and got.shape == (3, 9) and got.data_ptr() == shared.data_ptr()
+    assert torch.allclose(shared, torch.cat([h @ full.T] * 2, -1), atol=1e-6)
+
+
 @pytest.mark.parametrize("vocab", [10, 11])
 def test_vocab_embedding_tp2_forward_and_logits_combine(vocab):
     full = torch.randn(vocab, 4)

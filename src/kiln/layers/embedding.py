@@ -40,25 +40,37 @@ class VocabParallelEmbedding(WeightLoading):
         out = out * inside.unsqueeze(-1).to(out.dtype)
         return self.tp.all_reduce(out)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    @property
+    def logits_columns(self) -> int:
+        """Width of the gathered logits before the vocabulary padding is cut off."""
+        return self.rows_per_rank * self.tp.size
+
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Use the rows as an output projection (tied embeddings, or the LM head).
 
-        [num_seqs, hidden] -> [num_seqs, vocab_size] in float32.
+        [num_seqs, hidden] -> [num_seqs, vocab_size] in float32, written into `out` ([num_seqs,
+        logits_columns] float32, contiguous) when given: CUDA graphs of every batch size share one.
         """
-        out = _logits_float32(hidden, self.weight)  # [num_seqs, rows_per_rank]
-        out = self.tp.all_gather_last_dim(out)
-        return out[:, : self.vocab_size]
+        if self.tp.size == 1:
+            logits = _logits_float32(hidden, self.weight, out)
+        else:
+            logits = self.tp.all_gather_last_dim(_logits_float32(hidden, self.weight))
+            if out is not None:
+                logits = out.copy_(logits)
+        return logits[:, : self.vocab_size]
 
 
-def _logits_float32(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden @ weight^T with float32 output. Logits rounded to bf16 (8 bits of mantissa: steps of 0.125
-    at 20) would tie or swap near-equal top tokens; cuBLAS can write the float32 accumulator directly."""
+def _logits_float32(hidden: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden @ weight^T with float32 output (into `out` when given). Logits rounded to bf16 (8 bits of
+    mantissa: steps of 0.125 at 20) would tie or swap near-equal top tokens; cuBLAS can write the float32
+    accumulator directly."""
     if hidden.is_cuda and hidden.dtype in (torch.float16, torch.bfloat16):
         try:
-            return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+            return torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
         except (TypeError, RuntimeError, NotImplementedError):  # a torch without mm's out_dtype
             pass
-    return F.linear(hidden, weight).float()
+    logits = F.linear(hidden, weight).float()
+    return logits if out is None else out.copy_(logits)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -129,10 +129,15 @@ class LlamaForCausalLM(nn.Module):
         """ids, positions: [num_tokens] -> hidden states [num_tokens, hidden]."""
         return self.model(ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[num_seqs, hidden] -> [num_seqs, vocab_size] float32."""
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return head.logits(hidden)
+    @property
+    def head(self) -> VocabParallelEmbedding:
+        """The output projection: the LM head, or the embedding where they are tied."""
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head
+
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[num_seqs, hidden] -> [num_seqs, vocab_size] float32 (written into `out`, [num_seqs,
+        head.logits_columns], when given)."""
+        return self.head.logits(hidden, out)
 
     def checkpoint_target(self, name: str) -> tuple[nn.Module, str, object] | None:
         """Map a checkpoint tensor name to (module, parameter name, shard id); None if it is not used."""

@@ -28,11 +28,13 @@ def block_bytes(cfg: EngineConfig) -> int:
 
 def activation_bytes(cfg: EngineConfig) -> int:
     """A generous bound on one step's activations on one rank: max_num_tokens tokens through the widest
-    layers, float32 logits for every sequence, twice over for temporaries."""
+    layers, twice over for temporaries; and eight times the float32 logits of every sequence: the decode
+    graphs' shared output, a step's own, and the sampler's temporaries when every row draws with top-p
+    (a sort of each row: its values, int64 order, probabilities, their running sum)."""
     m, b, n = cfg.model, cfg.build, cfg.tp_size
     elem = torch.empty((), dtype=torch_dtype(cfg.dtype)).element_size()
     per_token = ((m.num_heads + 2 * m.num_kv_heads) * m.head_dim + 3 * m.intermediate_size) // n + 4 * m.hidden_size
-    return 2 * (b.max_num_tokens * per_token * elem + b.max_batch_size * m.vocab_size * 4)
+    return 2 * b.max_num_tokens * per_token * elem + 8 * b.max_batch_size * m.vocab_size * 4
 
 
 def num_kv_blocks(

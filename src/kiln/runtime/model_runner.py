@@ -321,20 +321,27 @@ class ModelRunner:
     # ---- CUDA graphs ---------------------------------------------------------------------------
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        """Capture one decode graph per batch-size bucket (largest first, sharing one memory pool)."""
+        """Capture one decode graph per batch-size bucket (largest first, sharing one memory pool).
+
+        Every graph writes its logits into the first rows of one buffer: a graph's output lives as long as
+        the graph, and one [bucket, vocab] float32 tensor per bucket would cost 8.5 GB at 512 sequences of
+        Llama-3's 128k vocabulary. Steps run in stream order, so a step's logits are read before the
+        next step overwrites them."""
+        buckets = graph_buckets(self.build.max_batch_size)
+        shared = torch.empty(max(buckets), self.model.head.logits_columns, dtype=torch.float32, device=self.device)
         pool = None
-        for size in reversed(graph_buckets(self.build.max_batch_size)):
+        for size in reversed(buckets):
             buf = self._pack([], size, size, self.max_blocks).to(self.device)
             inputs = _views(buf, size, size, self.max_blocks)
             meta = self._metadata([], [], inputs, num_splits=self._num_splits(size), decode=True)
             meta.max_query_len = 1
             trace(f"capturing the decode graph of batch size {size}")
             for _ in range(2):  # compile and autotune outside the capture
-                self.model.compute_logits(self.model(inputs.ids, inputs.positions, meta))
+                self.model.compute_logits(self.model(inputs.ids, inputs.positions, meta), shared[:size])
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.compute_logits(self.model(inputs.ids, inputs.positions, meta))
+                logits = self.model.compute_logits(self.model(inputs.ids, inputs.positions, meta), shared[:size])
             pool = graph.pool()
             self.graphs[size] = _Graph(graph, buf, logits)
         torch.cuda.synchronize(self.device)
