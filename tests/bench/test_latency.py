@@ -37,6 +37,19 @@ def test_synthetic_model_has_the_real_shapes_and_bytes() -> None:
     assert any("% of the floor" in line for line in result.lines())
 
 
+def test_the_measured_prompts_are_not_in_the_prefix_cache() -> None:
+    """The warm-up runs the measured shapes on other tokens: the measured first step computes its whole
+    prompt (a cached prompt would leave it one token to compute)."""
+    build = BuildConfig(max_batch_size=2, max_input_len=48, max_seq_len=64, tokens_per_block=16)
+    model, cfg = synthetic_model("smollm2-135m", build, "cpu", "float32")
+    llm = LLM.from_model(model, cfg, "cpu")
+    found = []
+    match = llm.scheduler.blocks.match_prefix
+    llm.scheduler.blocks.match_prefix = lambda seq: found.append(match(seq)) or found[-1]
+    measure_latency(llm, batch_size=2, input_len=40, output_len=3)
+    assert len(found) == 4 and found == [0, 0, 0, 0]  # warm-up and measured run, two prompts each
+
+
 def test_synthetic_int4_weights_are_a_quarter_of_float32_plus_scales() -> None:
     build = BuildConfig(max_batch_size=1, max_input_len=8, max_seq_len=16)
     model, _ = synthetic_model("smollm2-135m", build, "cpu", "float32", QuantConfig("int4_awq", 64))

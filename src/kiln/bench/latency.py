@@ -77,7 +77,9 @@ def measure_latency(llm: LLM, batch_size: int, input_len: int, output_len: int, 
     prompts = [torch.randint(0, vocab, (input_len,), generator=gen).tolist() for _ in range(batch_size)]
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     warmup = SamplingParams(max_tokens=min(4, output_len), temperature=0, ignore_eos=True)
-    llm.generate(prompts, warmup)  # the same shapes as measured: kernels compiled, cuBLAS warmed
+    # the same shapes as measured (kernels compiled, cuBLAS warmed), other tokens: a prompt already
+    # seen would be found in the prefix cache and the measured first step would skip most of its work
+    llm.generate([[(t + 1) % vocab for t in p] for p in prompts], warmup)
     _sync(llm.device)
     start = time.perf_counter()
     first = None
