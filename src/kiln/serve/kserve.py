@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -37,13 +38,12 @@ from kiln.serve.engine_io import (
     checked_prompt,
     get_state,
     max_tokens_for,
-    merge,
     run_to_end,
     sampling_params,
     sse_response,
     stream_error_message,
 )
-from kiln.serve.openai_format import LOGPROB_FLOOR, sse
+from kiln.serve.openai_format import LOGPROB_FLOOR, json_text, sse
 from kiln.serve.protocol import GREEDY_BELOW, SEED_MAX, SEED_MIN, TOP_P_MIN, ApiError, Text, sse_docs
 
 ALIASES = ("ensemble", "tensorrt_llm_bls")
@@ -242,23 +242,43 @@ def _bad_token_ids(state: ServerState, words: Words) -> tuple[tuple[int, ...], .
 def _answer(name: str, text: str, logprobs: list[float], cum: float, with_logprobs: bool) -> dict[str, Any]:
     body: dict[str, Any] = {"model_name": name, "model_version": VERSION, "text_output": text}
     if with_logprobs:
-        body["output_log_probs"] = [max(lp, LOGPROB_FLOOR) for lp in logprobs]
-        body["cum_log_probs"] = max(cum, LOGPROB_FLOOR * max(len(logprobs), 1))
+        body.update(_logprob_fields(logprobs, cum))
     return body
+
+
+def _logprob_fields(logprobs: list[float], cum: float) -> dict[str, Any]:
+    return {"output_log_probs": [max(lp, LOGPROB_FLOOR) for lp in logprobs],
+            "cum_log_probs": max(cum, LOGPROB_FLOOR * max(len(logprobs), 1))}
+
+
+class _EventWriter:
+    """The event `sse(_answer(...))` of one streamed step, with the part that is the same in every event
+    (the model's name and version) encoded once per request."""
+
+    def __init__(self, name: str, with_logprobs: bool):
+        self.start = sse(_answer(name, "", [], 0.0, False))[: -len('""}\n\n')]
+        self.with_logprobs = with_logprobs
+
+    def event(self, text: str, logprobs: list[float], cum: float) -> str:
+        if not self.with_logprobs:
+            return f"{self.start}{json_text(text)}}}\n\n"
+        return f"{self.start}{json_text(text)},{json_text(_logprob_fields(logprobs, cum))[1:]}\n\n"
 
 
 async def _events(name: str, body: GenerateRequest, job: Any) -> AsyncIterator[str]:
     cum, text, logprobs = 0.0, "", []
+    writer = _EventWriter(name, body.return_log_probs)
     try:
-        async for _, out in merge([job]):
-            cum += sum(out.delta_logprobs)
-            if not body.stream:  # one event at the end, with everything
-                text, logprobs = text + out.delta, logprobs + out.delta_logprobs
-                if out.finished:
-                    whole = text if body.exclude_input_in_output else body.text_input + text
-                    yield sse(_answer(name, whole, logprobs, cum, body.return_log_probs))
-            elif out.delta or out.finished or body.return_log_probs:
-                yield sse(_answer(name, out.delta, out.delta_logprobs, cum, body.return_log_probs))
+        async with aclosing(job()) as outputs:
+            async for out in outputs:
+                cum += sum(out.delta_logprobs)
+                if not body.stream:  # one event at the end, with everything
+                    text, logprobs = text + out.delta, logprobs + out.delta_logprobs
+                    if out.finished:
+                        whole = text if body.exclude_input_in_output else body.text_input + text
+                        yield sse(_answer(name, whole, logprobs, cum, body.return_log_probs))
+                elif out.delta or out.finished or body.return_log_probs:
+                    yield writer.event(out.delta, out.delta_logprobs, cum)
     except Exception as e:
         yield sse({"error": stream_error_message(e)[1]})
 

@@ -13,7 +13,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,11 +24,46 @@ LOGPROB_FLOOR = -9999.0
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
+# How every body and event is written: compact, UTF-8 as is, no NaN or infinity (JSON has none).
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def json_text(value: Any) -> str:
+    """`value` as the bodies and events write it (the same text as inside a larger body)."""
+    return _JSON.encode(value)
+
+
 def sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(',', ':'))}\n\n"
+    return f"data: {_JSON.encode(data)}\n\n"
 
 
 DONE = "data: [DONE]\n\n"
+_FINISH = {None: "null", "stop": '"stop"', "length": '"length"'}  # finish_reason() as JSON
+
+
+class ChunkWriter:
+    """The server-sent event of one stream chunk of one answer, written as `sse` writes the whole chunk
+    (`{"id", "object", "created", "model", "choices": [{"index", "text" or "delta", "logprobs",
+    "finish_reason"}]}`, then `"usage": null` when the usage comes last), but with the part that is the
+    same in every chunk encoded once per request: a server sends thousands of these a second."""
+
+    def __init__(self, head: dict[str, Any], chat: bool, include_usage: bool):
+        self.chat = chat
+        self.start = f'data: {_JSON.encode(head)[:-1]},"choices":[{{"index":'
+        self.end = '}]' + (',"usage":null' if include_usage else "") + "}\n\n"
+
+    def chunk(self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None) -> str:
+        if self.chat:
+            body = f',"delta":{{"content":{_JSON.encode(text)}}}' if text else ',"delta":{}'
+        else:
+            body = f',"text":{_JSON.encode(text)}'
+        lp = "null" if logprobs is None else _JSON.encode(logprobs)
+        return f'{self.start}{index}{body},"logprobs":{lp},"finish_reason":{_FINISH[finish]}{self.end}'
+
+    def role(self, index: int) -> str:
+        """A chat choice's first chunk: its role, and no text yet."""
+        return (f'{self.start}{index},"delta":{{"role":"assistant","content":""}},"logprobs":null,'
+                f'"finish_reason":null{self.end}')
 
 
 def finish_reason(out: Output) -> str | None:
@@ -37,7 +72,7 @@ def finish_reason(out: Output) -> str | None:
     return out.finish_reason if out.finish_reason in ("stop", "length") else "stop"
 
 
-def visible_tokens(out: Output, eos_ids: set[int], n: int) -> int:
+def visible_tokens(out: Output, eos_ids: Container[int], n: int) -> int:
     """How many of the last `n` new tokens to report: all but an end-of-sequence token that ended the
     request (its text is not in the answer either)."""
     if out.finished and out.finish_reason == "stop" and n and out.output_ids[-1] in eos_ids:
@@ -161,7 +196,7 @@ class Answer:
     chat: bool
     model: str
     tokenizer: Any
-    eos_ids: set[int]
+    eos_ids: Container[int]
     usage: UsageCount
     logprobs: bool = False
     include_usage: bool = False
@@ -202,32 +237,48 @@ class Answer:
     async def stream(self, jobs: list[Job]) -> AsyncIterator[str]:
         """Server-sent events: (for a chat, each choice's role first, at once), a chunk per step that gave
         text, the finish reason on each choice's last, the usage if asked, then [DONE]. An error after
-        the first event is told in an event of its own (the status is already sent), as vLLM does."""
+        the first event is told in an event of its own (the status is already sent), as vLLM does.
+        Events that are ready together (the choices of one step; the last chunk, the usage and [DONE])
+        go out in one write."""
         kind = f"{self.kind}.chunk" if self.chat else self.kind
-        extra = {"usage": None} if self.include_usage else {}
+        writer = ChunkWriter(self.head(kind), self.chat, self.include_usage)
         done = [CompletionLogprobs(self.text) for _ in jobs]
+        left, ended = len(jobs), False
         try:
-            for i in range(len(jobs) if self.chat else 0):
-                role = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None}
-                yield sse(self.head(kind, choices=[role], **extra))
-            async for i, out in merge(jobs):
-                self.usage.update(i, out)
-                keep = visible_tokens(out, self.eos_ids, len(out.delta_ids))
-                lp = self._logprobs(done[i], out.delta_ids[:keep], out.delta_logprobs[:keep],
-                                    out.delta_top_logprobs[:keep])
-                if out.delta or out.finished or lp is not None:
-                    yield sse(self.head(kind, choices=[self._chunk_choice(i, out, lp)], **extra))
-            if self.include_usage:
-                yield sse(self.head(kind, choices=[], usage=self.usage.body()))
+            if self.chat:
+                yield "".join(writer.role(i) for i in range(len(jobs)))
+            async for ready in merge(jobs):
+                text = ""
+                for i, out in ready:
+                    text += self._chunk(writer, done[i], i, out)
+                    if out.finished:
+                        left -= 1
+                if not left:  # every choice has ended: the stream's end goes in the same write
+                    text += self._end(kind)
+                    ended = True
+                if text:
+                    yield text
+            if not ended:
+                yield self._end(kind)
         except Exception as e:
             status, message = stream_error_message(e)
-            kind = "invalid_request_error" if status < 500 else "server_error"
-            yield sse({"error": {"message": message, "type": kind, "param": None, "code": None}})
-        yield DONE
+            if not ended:  # (after [DONE], nothing more is sent)
+                kind = "invalid_request_error" if status < 500 else "server_error"
+                yield sse({"error": {"message": message, "type": kind, "param": None, "code": None}}) + DONE
 
-    def _chunk_choice(self, i: int, out: Output, lp: dict[str, Any] | None) -> dict[str, Any]:
-        if self.chat:
-            delta = {"content": out.delta} if out.delta else {}
-            return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish_reason(out)}
-        return {"index": i, "text": out.delta, "logprobs": lp, "finish_reason": finish_reason(out)}
+    def _chunk(self, writer: ChunkWriter, done: CompletionLogprobs, i: int, out: Output) -> str:
+        """The event of one choice's output ("" when it has nothing to tell)."""
+        self.usage.update(i, out)
+        lp = None
+        if self.logprobs:
+            keep = visible_tokens(out, self.eos_ids, len(out.delta_ids))
+            lp = self._logprobs(done, out.delta_ids[:keep], out.delta_logprobs[:keep],
+                                out.delta_top_logprobs[:keep])
+        if out.delta or out.finished or lp is not None:
+            return writer.chunk(i, out.delta, lp, finish_reason(out))
+        return ""
+
+    def _end(self, kind: str) -> str:
+        usage = sse(self.head(kind, choices=[], usage=self.usage.body())) if self.include_usage else ""
+        return usage + DONE
+
