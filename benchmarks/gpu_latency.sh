@@ -26,6 +26,8 @@ import json, pathlib, sys
 print(f"{'run':16} {'TTFT ms':>9} {'ms/token':>9} {'tok/s':>8} {'GB/s':>8} {'% floor':>8}")
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     d = json.loads(f.read_text())
+    if not isinstance(d, dict) or "tpot_s" not in d:  # another benchmark's output in the same folder
+        continue
     pct = d["achieved_gbps"] / d["copy_gbps"] * 100
     print(f"{f.stem:16} {d['ttft_s']*1e3:9.1f} {d['tpot_s']*1e3:9.3f} {d['decode_tokens_per_s']:8.1f} {d['achieved_gbps']:8.0f} {pct:7.1f}%")
 PY

@@ -132,16 +132,40 @@ def test_int4_gemv(group: int, n: int, k: int, m: int, split_k: int) -> None:
     assert_matches(out, _ref_int4(x, p))
 
 
-@pytest.mark.parametrize("group, n, k", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("group, n, k", CASES + [(32, 24, 160)], ids=CASE_IDS + ["g32-partial-step"])
 @pytest.mark.parametrize("split_k", [2, None])
-@pytest.mark.parametrize("dtype", [torch.float16])
-def test_int4_gemv1_single_row(group: int, n: int, k: int, split_k: int | None, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("chunk_words, prefetch", [(4, 0), (16, 0), (16, 1)])
+def test_int4_gemv1_single_row(group: int, n: int, k: int, split_k: int | None, chunk_words: int,
+                               prefetch: int) -> None:
     """The word-wise M = 1 kernel (1 + q/16 floats, zero and scale applied per group), N not a multiple
-    of the tile, splits in whole groups, a per-channel group of 25 words (chunks of one word)."""
-    p, x = _int4(n, k, group, scale_dtype=dtype), _x(1, k, dtype)
+    of the tile, splits in whole groups: steps inside a group, steps of several groups (chunk_words 16
+    with groups of 4 or 8 words, the last step partly past K), a per-channel group of 25 words (chunks
+    of one word)."""
+    p, x = _int4(n, k, group, scale_dtype=torch.float16), _x(1, k, torch.float16)
     out = int4_module.int4_gemv1(x, p["qweight"], p["scales"], p["zeros"], group, split_k=split_k,
-                                 block_n=16, chunk_words=4)
+                                 block_n=16, chunk_words=chunk_words, prefetch=prefetch)
     assert_matches(out, _ref_int4(x, p))
+
+
+def test_int4_gemv1_reduces_its_splits_in_place() -> None:
+    """Split K, summed by the last split of each output element: the same bits on every call, written
+    into a strided `out`, and the shared arrival counters are all back at zero afterwards."""
+    p, x = _int4(40, 256, 32), _x(1, 256)
+    out = torch.zeros(40, 2, dtype=x.dtype, device=DEVICE)[:, 0]  # stride 2
+    first = int4_module.int4_gemv1(x, p["qweight"], p["scales"], p["zeros"], 32, out=out, split_k=4,
+                                   block_n=16, chunk_words=4)
+    assert first.data_ptr() == out.data_ptr()
+    assert_matches(out, _ref_int4(x, p)[0])
+    again = int4_module.int4_gemv1(x, p["qweight"], p["scales"], p["zeros"], 32, split_k=4, block_n=16,
+                                   chunk_words=4)
+    assert torch.equal(again[0], out)
+    assert int(int4_module.split_counters(x.device, 40).abs().sum()) == 0
+
+
+def test_int4_gemv1_rejects_a_chunk_that_is_not_a_power_of_two() -> None:
+    p, x = _int4(16, 128, 32), _x(1, 128)
+    with pytest.raises(ValueError, match="chunk_words"):
+        int4_module.int4_gemv1(x, p["qweight"], p["scales"], p["zeros"], 32, chunk_words=12)
 
 
 def test_int4_gemv1_bf16() -> None:
@@ -301,13 +325,14 @@ def test_int8_gemv_bf16() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_quantize_fp8_per_token_is_bit_exact(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("one_pass_max_m", [8, 0], ids=["one-pass", "two-pass"])
+def test_quantize_fp8_per_token_is_bit_exact(dtype: torch.dtype, one_pass_max_m: int) -> None:
     # Rows from 1e-6 to 100 in scale, a zero row (scale clamps to 1e-12 / 448) and a tiny outlier.
     x = torch.randn(7, 300, generator=_gen(3)) * torch.logspace(-6, 2, 7)[:, None]
     x[3] = 0.0
     x[2, 5] = 1e-9
     x = x.to(dtype=dtype, device=DEVICE)
-    xq, scale = quantize_fp8_per_token(x)
+    xq, scale = quantize_fp8_per_token(x, block_k=128, one_pass_max_m=one_pass_max_m)
     want_scale = x.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
     assert xq.dtype == torch.float8_e4m3fn and xq.shape == x.shape and scale.shape == (7, 1)
     assert torch.equal(scale, want_scale)

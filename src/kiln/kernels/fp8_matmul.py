@@ -17,7 +17,7 @@ then asks for bf16 and casts (remembered per dtype).
 fp8_gemv (decode candidate, to be measured against _scaled_mm): the same quantization, then a Triton
 GEMV that reads the e4m3 weight once, converts it to fp32 in registers and accumulates xq * wq in fp32;
 both scales multiply the reduced dot. The structure (tiles of BLOCK_N rows, all M rows of x per program,
-split-K with a second reduction kernel) is int4_matmul's.
+split-K reduced in place by the last split to arrive) is int4_matmul's.
 
 Rounding. quantize_fp8_per_token reproduces formats.fake_quantize_fp8_per_token bit for bit: IEEE
 division (tl.math.div_rn; Triton's `/` is approximate on the GPU) and round-to-nearest-even onto the
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.int4_matmul import output_rows, split_plan, splits_target, sum_splits
+from kiln.kernels.int4_matmul import output_rows, split_counters, split_plan
 
 
 @triton.jit
@@ -62,9 +62,19 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr):
+def _quantize_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr,
+                         ONE_PASS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
+    if ONE_PASS:  # the whole row in registers: one read, one dependent chain (decode's short rows)
+        offs = tl.arange(0, BLOCK_K)
+        mask = offs < K
+        x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
+        tl.store(s_ptr + row, scale)
+        xq = _round_to_e4m3(tl.math.div_rn(x, scale))
+        tl.store(xq_ptr + row * stride_qm + offs, xq.to(xq_ptr.dtype.element_ty), mask=mask)
+        return
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
@@ -81,10 +91,13 @@ def _quantize_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_q
 
 
 def quantize_fp8_per_token(
-    x: torch.Tensor, *, block_k: int = 1024, num_warps: int = 4
+    x: torch.Tensor, *, block_k: int = 1024, num_warps: int = 4, one_pass_max_m: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (any float dtype, any strides) -> (xq float8_e4m3fn [M, K] contiguous, scale fp32 [M, 1]),
-    with x ~= xq * scale; bit-equal to formats.fake_quantize_fp8_per_token's quantization."""
+    with x ~= xq * scale; bit-equal to formats.fake_quantize_fp8_per_token's quantization.
+
+    Up to one_pass_max_m rows (decode) and K <= 16384, each program holds its whole row in registers and
+    reads it once; otherwise two passes of block_k columns (the second from cache)."""
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
     m, k = x.shape
@@ -92,19 +105,25 @@ def quantize_fp8_per_token(
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m == 0:
         return xq, scale
-    block_k = min(block_k, triton.next_power_of_2(max(k, 1)))
+    one_pass = m <= one_pass_max_m and k <= 16384
+    if one_pass:
+        block_k = triton.next_power_of_2(max(k, 1))
+        num_warps = max(num_warps, min(16, block_k // 512))  # ~16 values per thread
+    else:
+        block_k = min(block_k, triton.next_power_of_2(max(k, 1)))
     _quantize_fp8_kernel[(m,)](
-        x, xq, scale, k, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, num_warps=num_warps
+        x, xq, scale, k, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, ONE_PASS=one_pass,
+        num_warps=num_warps,
     )
     return xq, scale
 
 
 @triton.jit
 def _fp8_gemv_kernel(
-    xq_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr,
+    xq_ptr, sx_ptr, w_ptr, sw_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, split_cols,
-    stride_xm, stride_wn, stride_wk, stride_os, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_xm, stride_wn, stride_wk, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FUSED_SPLITS: tl.constexpr,
 ):
     # Program (n tile, K split, M block). xq is contiguous [M, K] (quantize_fp8_per_token's output).
     pid_n = tl.program_id(0)
@@ -117,22 +136,48 @@ def _fp8_gemv_kernel(
 
     k_start = pid_s * split_cols
     k_end = tl.minimum(k_start + split_cols, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        for m in tl.static_range(BLOCK_M):
-            row = tl.minimum(m0 + m, M - 1)  # rows past M are computed, never stored
-            xv = tl.load(xq_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            part = tl.sum(w * xv[None, :], axis=1)
-            acc = tl.where(offs_m[None, :] == m0 + m, acc + part[:, None], acc)
+    if BLOCK_M == 1:
+        # One row: an FFMA per weight into a [BLOCK_N, BLOCK_K] accumulator, reduced once at the end (a
+        # reduction per step is a tree of FADDs, where only half the products fuse into FFMAs).
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            xv = tl.load(xq_ptr + m0 * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            acc2 += w * xv[None, :]
+        acc += tl.sum(acc2, axis=1)[:, None]
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+            for m in tl.static_range(BLOCK_M):
+                row = tl.minimum(m0 + m, M - 1)  # rows past M are computed, never stored
+                xv = tl.load(xq_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+                part = tl.sum(w * xv[None, :], axis=1)
+                acc = tl.where(offs_m[None, :] == m0 + m, acc + part[:, None], acc)
 
     sw = tl.load(sw_ptr + offs_n, mask=n_mask, other=0.0)
     sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
     acc = acc * sw[:, None] * sx[None, :]
-    out_ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_m[None, :] < M))
+    mask = n_mask[:, None] & (offs_m[None, :] < M)
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
+    if FUSED_SPLITS:  # the last split of each output element sums the partials (int4_matmul's gemv1)
+        elem = offs_m[None, :] * N + offs_n[:, None]
+        tl.store(part_ptr + pid_s * M * N + elem, acc, mask=mask)
+        tl.debug_barrier()
+        seen = tl.atomic_add(count_ptr + elem, 1, mask=mask, sem="acq_rel")
+        last = mask & (seen == tl.num_programs(1) - 1)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for s in range(tl.num_programs(1)):
+            acc += tl.load(part_ptr + s * M * N + elem, mask=last, other=0.0)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=last)
+        tl.store(count_ptr + elem, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32), mask=last)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -158,15 +203,15 @@ def _gemv_quantized(
     block_m = block_m or min(8, triton.next_power_of_2(m))
     grid_n, grid_m = triton.cdiv(n, block_n), triton.cdiv(m, block_m)
     split_cols, n_splits = split_plan(k, block_k, split_k, grid_n * grid_m, xq.device)
-    target, stride_os = splits_target(out2, n_splits)
+    fused = n_splits > 1
+    part = torch.empty(n_splits, m, n, dtype=torch.float32, device=xq.device) if fused else out2
+    counters = split_counters(xq.device, m * n) if fused else out2
     _fp8_gemv_kernel[(grid_n, n_splits, grid_m)](
-        xq, sx, weight, weight_scale.reshape(n), target,
+        xq, sx, weight, weight_scale.reshape(n), out2, part, counters,
         m, n, k, split_cols,
-        xq.stride(0), weight.stride(0), weight.stride(1), stride_os, target.stride(-2), target.stride(-1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        xq.stride(0), weight.stride(0), weight.stride(1), out2.stride(0), out2.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLITS=fused, num_warps=num_warps,
     )
-    if n_splits > 1:
-        sum_splits(target, out2)
 
 
 def fp8_gemv(
@@ -184,7 +229,7 @@ def fp8_gemv(
     """W8A8 y = x @ W^T for small M: quantize x per token, then one pass over the e4m3 weight.
 
     block_m: rows of x per program (default next_power_of_2(M), at most 8). split_k: programs per output
-    tile along K (None: int4_matmul.auto_split_k); > 1 adds a reduction kernel.
+    tile along K (None: int4_matmul.auto_split_k), reduced in place by the last split of each element.
     """
     x2 = _check(x, weight, weight_scale)
     m, n = x2.shape[0], weight.shape[0]

@@ -113,15 +113,16 @@ def sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
     )
 
 
-def auto_split_k(n_programs: int, k_blocks: int, device: torch.device) -> int:
-    """Split K until a GEMV launch has about two programs per SM; 1 when its tiles alone fill the GPU.
+def auto_split_k(n_programs: int, k_blocks: int, device: torch.device, per_sm: int = 2) -> int:
+    """Split K until a GEMV launch has about `per_sm` programs per SM; 1 when its tiles alone fill the
+    GPU that far.
 
-    A heuristic from shapes only (CUDA-graph safe); the tuner should replace it per shape.
+    A heuristic from shapes only (CUDA-graph safe); the tuner replaces it per shape.
     """
     sms = num_sms(device)
-    if n_programs >= sms:
+    if n_programs >= per_sm * sms:
         return 1
-    return max(1, min(k_blocks, 2 * sms // n_programs))
+    return max(1, min(k_blocks, per_sm * sms // n_programs))
 
 
 def split_plan(
@@ -305,28 +306,76 @@ def _int4_gemv_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_m[None, :] < M))
 
 
+# The bit patterns _byte_as_floats works with (see there). They reach the kernel as arguments, not as
+# literals: ptxas would otherwise rematerialize each literal into a fresh register before every use
+# (measured: ~0.8 extra instructions per weight in the sm_90 SASS).
+BYTE_MASK_HI, BYTE_MASK_LO, ONE_BITS = 0x780000, 0x78000, 0x3F800000
+
+
 @triton.jit
-def _nibble_as_float(words, i: tl.constexpr):
-    """Nibble i (bits 4i..4i+3) of int32 words -> fp32 1 + q/16, exactly: the nibble is moved to the top
-    of the mantissa under exponent 0 (one shift and one and-or per weight, no conversion)."""
-    if 4 * i <= 19:
-        bits = (words << (19 - 4 * i)) & 0x780000
+def _byte_as_floats(words, j: tl.constexpr, mask_hi, mask_lo, one_bits):
+    """Byte j of int32 words -> (1 + hi/16, 1 + lo/256) as fp32, exactly, for its high and low nibble:
+    one shift puts the high nibble at mantissa bits 19..22 and the low one at 15..18, and one and-or
+    each sets the exponent of 1.0 above it. Two weights per shift, no int -> float conversion."""
+    if 15 - 8 * j >= 0:
+        t = words << (15 - 8 * j)
     else:
-        bits = (words >> (4 * i - 19)) & 0x780000
-    return (bits | 0x3F800000).to(tl.float32, bitcast=True)
+        t = words >> (8 * j - 15)
+    hi = ((t & mask_hi) | one_bits).to(tl.float32, bitcast=True)
+    lo = ((t & mask_lo) | one_bits).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
+def _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW: tl.constexpr):
+    """acc [BLOCK_N, CW] fp32 plus, per word of `words` [BLOCK_N, CW] (int32, 8 nibbles: columns 8w..8w+7),
+    sum_odd x (1 + q/16) + sum_even 16 x (1 + q/256) = A + (1/16) sum x q. Returns (acc, A, S) with
+    A [CW] = sum_odd x + 16 sum_even x and S [CW] = sum x over each word's 8 columns.
+
+    x is read as one [CW, 8] tile (16-byte loads) and split in registers into the 8 vectors x_i[w] =
+    x[8w + i]; each is loaded and converted once per program step and reused by every row a thread
+    holds, so x costs a fraction of an instruction per weight instead of a load and a convert."""
+    xt = tl.load(x_ptr + offs_w[:, None] * 8 + tl.arange(0, 8)[None, :], mask=w_mask[:, None], other=0.0)
+    xt = xt.to(tl.float32).reshape(CW, 2, 2, 2)  # column 8w + 4a + 2b + c at [w, a, b, c]
+    even, odd = tl.split(xt)  # c = 0 / 1
+    e0, e1 = tl.split(even)  # b
+    o0, o1 = tl.split(odd)
+    x0, x4 = tl.split(e0)  # a
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    # one FFMA per weight (kept as separate additions so that each contracts)
+    hi, lo = _byte_as_floats(words, 0, mask_hi, mask_lo, one_bits)
+    acc = acc + hi * x1[None, :]
+    acc = acc + lo * (16.0 * x0)[None, :]
+    hi, lo = _byte_as_floats(words, 1, mask_hi, mask_lo, one_bits)
+    acc = acc + hi * x3[None, :]
+    acc = acc + lo * (16.0 * x2)[None, :]
+    hi, lo = _byte_as_floats(words, 2, mask_hi, mask_lo, one_bits)
+    acc = acc + hi * x5[None, :]
+    acc = acc + lo * (16.0 * x4)[None, :]
+    hi, lo = _byte_as_floats(words, 3, mask_hi, mask_lo, one_bits)
+    acc = acc + hi * x7[None, :]
+    acc = acc + lo * (16.0 * x6)[None, :]
+    x_odd = (x1 + x3) + (x5 + x7)
+    x_even = (x0 + x2) + (x4 + x6)
+    return acc, x_odd + 16.0 * x_even, x_odd + x_even
 
 
 @triton.jit
 def _int4_gemv1_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr,
     N, KW, split_words,
-    stride_qn, stride_sn, stride_sg, stride_zn, stride_zg, stride_os,
-    GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr,
+    stride_qn, stride_sn, stride_sg, stride_zn, stride_zg, stride_on,
+    mask_hi, mask_lo, one_bits,
+    GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, PREFETCH: tl.constexpr,
+    FUSED_SPLITS: tl.constexpr,
 ):
-    # One row of x (M = 1). Program (n tile, K split); the split is a whole number of groups. The weight
-    # is read as int32 words of 8 nibbles (columns 8j..8j+7). Per weight: shift, and-or into the float
-    # 1 + q/16, FFMA into a [BLOCK_N, CW] accumulator; the reduction over K, the zero point and the scale
-    # are applied once per group: sum x (q - z) = 16 sum x (1 + q/16) - (16 + z) sum x.
+    # One row of x (M = 1). Program (n tile, K split); a split is a whole number of groups and of steps.
+    # The weight is read as int32 words of 8 nibbles (columns 8j..8j+7), CW words of BLOCK_N rows per
+    # step. Per weight: half a shift, an and-or into a float 1 + q/16 or 1 + q/256, an FFMA; the zero point
+    # and the scale are applied once per (row, group) (_word_products: acc = A + sum x q / 16):
+    # sum x (q - z) = 16 (acc - A) - z S.
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -335,25 +384,77 @@ def _int4_gemv1_kernel(
     out = tl.zeros((BLOCK_N,), dtype=tl.float32)
     w_start = pid_s * split_words
     w_end = tl.minimum(w_start + split_words, KW)
-    for g0 in range(w_start, w_end, GROUP_WORDS):
-        g = g0 // GROUP_WORDS
-        acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
-        xsum = tl.zeros((CW,), dtype=tl.float32)
-        for c in tl.static_range(0, GROUP_WORDS, CW):
-            offs_w = g0 + c + offs_c
+    if GROUP_WORDS >= CW:  # a group takes one or more steps (CW divides GROUP_WORDS)
+        for g0 in range(w_start, w_end, GROUP_WORDS):
+            acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
+            a_sum = tl.zeros((CW,), dtype=tl.float32)
+            x_sum = tl.zeros((CW,), dtype=tl.float32)
+            for c in range(0, GROUP_WORDS, CW):
+                offs_w = g0 + c + offs_c
+                w_mask = offs_w < KW
+                words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
+                                mask=n_mask[:, None] & w_mask[None, :], other=0)
+                acc, a, xs = _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW)
+                a_sum += a
+                x_sum += xs
+            g = g0 // GROUP_WORDS
+            sc = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
+            z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
+            sv = tl.sum(acc, axis=1) - tl.sum(a_sum, axis=0)
+            out += sc * (16.0 * sv - z * tl.sum(x_sum, axis=0))
+    else:  # a step spans CW // GROUP_WORDS whole groups (both powers of two)
+        CG: tl.constexpr = CW // GROUP_WORDS
+        n_groups = KW // GROUP_WORDS
+        w_ptrs = qw_ptr + offs_n[:, None] * stride_qn + offs_c[None, :]
+        if PREFETCH:  # the next step's words are loaded before this step's math (twice the registers)
+            nxt = tl.load(w_ptrs + w_start, mask=n_mask[:, None] & (w_start + offs_c < w_end)[None, :], other=0)
+        for w0 in range(w_start, w_end, CW):
+            offs_w = w0 + offs_c
             w_mask = offs_w < KW
-            words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
-                            mask=n_mask[:, None] & w_mask[None, :], other=0)
-            for i in tl.static_range(8):
-                xv = tl.load(x_ptr + offs_w * 8 + i, mask=w_mask, other=0.0).to(tl.float32)
-                acc += _nibble_as_float(words, i) * xv[None, :]
-                xsum += xv
-        sv = tl.sum(acc, axis=1)
-        sx = tl.sum(xsum, axis=0)
-        sc = tl.load(s_ptr + offs_n * stride_sn + g * stride_sg, mask=n_mask, other=0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n * stride_zn + g * stride_zg, mask=n_mask, other=0).to(tl.float32)
-        out += sc * (16.0 * sv - (16.0 + z) * sx)
-    tl.store(out_ptr + pid_s * stride_os + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+            if PREFETCH:
+                words = nxt
+                nxt = tl.load(w_ptrs + w0 + CW, mask=n_mask[:, None] & (offs_w + CW < w_end)[None, :], other=0)
+            else:
+                words = tl.load(w_ptrs + w0, mask=n_mask[:, None] & w_mask[None, :], other=0)
+            acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
+            acc, a, xs = _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW)
+            sv = tl.sum(acc.reshape(BLOCK_N, CG, GROUP_WORDS), axis=2)
+            sa = tl.sum(a.reshape(CG, GROUP_WORDS), axis=1)
+            sx = tl.sum(xs.reshape(CG, GROUP_WORDS), axis=1)
+            g = w0 // GROUP_WORDS + tl.arange(0, CG)
+            gmask = n_mask[:, None] & (g < n_groups)[None, :]
+            sc = tl.load(s_ptr + offs_n[:, None] * stride_sn + g[None, :] * stride_sg, mask=gmask, other=0)
+            z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=gmask, other=0)
+            part = 16.0 * (sv - sa[None, :]) - z.to(tl.float32) * sx[None, :]
+            out += tl.sum(sc.to(tl.float32) * part, axis=1)
+    if FUSED_SPLITS:
+        # Each split stores its fp32 partial, then counts itself in per output element (acq_rel); the
+        # split that arrives last for an element sums the partials in split order (deterministic),
+        # writes y and puts the counter back to 0 for the next call: no second kernel.
+        tl.store(part_ptr + pid_s * N + offs_n, out, mask=n_mask)
+        tl.debug_barrier()
+        seen = tl.atomic_add(count_ptr + offs_n, 1, mask=n_mask, sem="acq_rel")
+        last = n_mask & (seen == tl.num_programs(1) - 1)
+        out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in range(tl.num_programs(1)):
+            out += tl.load(part_ptr + s * N + offs_n, mask=last, other=0.0)
+        tl.store(out_ptr + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=last)
+        tl.store(count_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=last)
+    else:
+        tl.store(out_ptr + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """int32 zeros, at least n of them, shared by the kernels that reduce their K splits in place (each
+    kernel leaves them at zero). Kernels that use them must not run concurrently (one stream)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = torch.zeros(max(n, 1 << 15), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have
 
 
 def _words_ok(qweight: torch.Tensor, group: int) -> bool:
@@ -372,41 +473,51 @@ def int4_gemv1(
     group_size: int,
     out: torch.Tensor | None = None,
     *,
-    block_n: int = 32,
-    chunk_words: int = 32,
+    block_n: int = 128,
+    chunk_words: int = 16,
     split_k: int | None = None,
     num_warps: int = 4,
+    prefetch: int = 0,
 ) -> torch.Tensor:
-    """y = x @ W^T for one row of x (decode at batch 1), about three instructions per weight.
+    """y = x @ W^T for one row of x (decode at batch 1), under four instructions per weight.
 
-    Needs K and the group size to be multiples of 8 and qweight 4-byte aligned (int4_gemv checks and
-    falls back to its general kernel otherwise). chunk_words: int32 words (8 columns each) per step;
-    split_k: programs along K, in whole groups (None: about two programs per SM).
+    Needs K and the group size to be multiples of 8 and qweight 4-byte aligned (int4_matmul checks and
+    falls back to the general GEMV otherwise). block_n: weight rows per program (each thread holds
+    several, which share the thread's x). chunk_words: int32 words (8 columns each) per step, a power
+    of two; a step covers part of a group, or several whole groups when the group is a smaller power of
+    two. split_k: programs along K, in whole groups and steps (None: `auto_split_k`). prefetch: load each
+    step's words one step ahead (steps of several groups only).
     """
     x2, n, k, group = _check(x, qweight, scales, zeros, group_size)
     if x2.shape[0] != 1 or not _words_ok(qweight, group):
         raise ValueError("int4_gemv1 takes one row of x and a word-aligned qweight with groups of 8k columns")
+    if chunk_words < 1 or chunk_words & (chunk_words - 1):
+        raise ValueError(f"chunk_words must be a power of two, got {chunk_words}")
     result, out2 = output_rows(x, 1, n, out)
     if n == 0:
         return result
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     kw, gw = k // 8, group // 8
-    cw = min(chunk_words, gw & -gw)  # a power of two that divides the group
+    pow2_group = gw & (gw - 1) == 0
+    cw = chunk_words if pow2_group and chunk_words > gw else min(chunk_words, gw & -gw)
+    unit = max(gw, cw)  # words per indivisible piece of a split
     grid_n = triton.cdiv(n, block_n)
-    n_groups = kw // gw
-    splits = split_k or auto_split_k(grid_n, n_groups, x.device)
-    split_words = triton.cdiv(n_groups, max(1, min(splits, n_groups))) * gw
+    n_units = triton.cdiv(kw, unit)
+    splits = split_k or auto_split_k(grid_n, n_units, x.device, per_sm=4)  # small programs: 4 per SM
+    split_words = triton.cdiv(n_units, max(1, min(splits, n_units))) * unit
     n_splits = triton.cdiv(kw, split_words)
-    target, stride_os = splits_target(out2, n_splits)
+    fused = n_splits > 1
+    part = torch.empty(n_splits, n, dtype=torch.float32, device=x.device) if fused else out2
+    counters = split_counters(x.device, n) if fused else out2
     _int4_gemv1_kernel[(grid_n, n_splits)](
-        x2, qweight.view(torch.int32), scales, zeros, target,
+        x2, qweight.view(torch.int32), scales, zeros, out2, part, counters,
         n, kw, split_words,
-        qweight.stride(0) // 4, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), stride_os,
-        GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, num_warps=num_warps,
+        qweight.stride(0) // 4, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), out2.stride(1),
+        BYTE_MASK_HI, BYTE_MASK_LO, ONE_BITS,
+        GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, PREFETCH=bool(prefetch), FUSED_SPLITS=fused,
+        num_warps=num_warps,
     )
-    if n_splits > 1:
-        sum_splits(target, out2)
     return result
 
 

@@ -129,12 +129,14 @@ def _paths(algo: str, w: dict[str, torch.Tensor], group: int) -> dict[str, Calla
     }
 
 
+# The single-row int4 GEMV's grid: the region that won on an H100 for Mistral-7B's four shapes at groups
+# of 64 and 128 (benchmarks/quant_gemv.py over a 4x wider grid: 8 warps and 16-word steps never won).
 GEMV1_GRID = [
-    dict(block_n=bn, chunk_words=cw, num_warps=nw, split_k=sk)
-    for bn in (16, 32, 64)
-    for cw in (16, 32)
-    for nw in (4, 8)
-    for sk in (None, 1, 2)
+    dict(block_n=bn, chunk_words=cw, num_warps=4, split_k=sk, prefetch=pf)
+    for bn in (64, 128)
+    for cw in (32, 64)
+    for pf in (0, 1)
+    for sk in (None, 4, 8)
 ]
 
 GEMV_GRID = [
