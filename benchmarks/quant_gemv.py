@@ -35,7 +35,7 @@ def time_grid(algo: str, n: int, k: int, group: int, top: int) -> list[dict]:
         grid = tuning.GEMV1_GRID if name == "gemv1" else tuning.GEMV_GRID
         for cfg in grid:
             try:
-                ms = tuning._bench(lambda cfg=cfg: paths[name](x, **cfg)) / len(paths.copies)
+                ms = tuning._bench(lambda cfg=cfg, name=name: paths[name](x, **cfg)) / len(paths.copies)
             except Exception as e:  # noqa: BLE001 - a configuration this GPU cannot run
                 rows.append({"path": name, "config": cfg, "error": type(e).__name__})
                 continue
