@@ -136,29 +136,16 @@ def _fp8_gemv_kernel(
 
     k_start = pid_s * split_cols
     k_end = tl.minimum(k_start + split_cols, K)
-    if BLOCK_M == 1:
-        # One row: an FFMA per weight into a [BLOCK_N, BLOCK_K] accumulator, reduced once at the end (a
-        # reduction per step is a tree of FADDs, where only half the products fuse into FFMAs).
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            xv = tl.load(xq_ptr + m0 * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            acc2 += w * xv[None, :]
-        acc += tl.sum(acc2, axis=1)[:, None]
-    else:
-        for k0 in range(k_start, k_end, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < K
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-            for m in tl.static_range(BLOCK_M):
-                row = tl.minimum(m0 + m, M - 1)  # rows past M are computed, never stored
-                xv = tl.load(xq_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-                part = tl.sum(w * xv[None, :], axis=1)
-                acc = tl.where(offs_m[None, :] == m0 + m, acc + part[:, None], acc)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=n_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        for m in tl.static_range(BLOCK_M):
+            row = tl.minimum(m0 + m, M - 1)  # rows past M are computed, never stored
+            xv = tl.load(xq_ptr + row * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            part = tl.sum(w * xv[None, :], axis=1)
+            acc = tl.where(offs_m[None, :] == m0 + m, acc + part[:, None], acc)
 
     sw = tl.load(sw_ptr + offs_n, mask=n_mask, other=0.0)
     sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
