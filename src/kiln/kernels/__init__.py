@@ -39,3 +39,19 @@ def num_sms(device: torch.device | str) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(device: torch.device | str, n: int) -> torch.Tensor:
+    """int32 zeros, at least n of them, for kernels that split their work over programs and let the last
+    program to finish an output element combine the parts (acq_rel atomic counters, one per element).
+    Each such kernel puts the counters it used back to zero, so one buffer per device serves them all;
+    kernels that use it must not run concurrently (kiln runs its GPU work on one stream)."""
+    device = torch.device(device)
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < n:
+        have = torch.zeros(max(n, 1 << 15), dtype=torch.int32, device=device)
+        _COUNTERS[device] = have
+    return have

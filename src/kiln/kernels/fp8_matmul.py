@@ -43,7 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.int4_matmul import output_rows, split_counters, split_plan
+from kiln.kernels import split_counters
+from kiln.kernels.int4_matmul import output_rows, split_plan
 
 
 @triton.jit

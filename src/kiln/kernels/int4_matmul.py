@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels import num_sms
+from kiln.kernels import num_sms, split_counters
 
 # 2.0**23 and its fp32 bit pattern: see "int -> float through the exponent" above.
 EXP23 = tl.constexpr(8388608.0)
@@ -442,19 +442,6 @@ def _int4_gemv1_kernel(
         tl.store(count_ptr + offs_n, tl.zeros((BLOCK_N,), dtype=tl.int32), mask=last)
     else:
         tl.store(out_ptr + offs_n * stride_on, out.to(out_ptr.dtype.element_ty), mask=n_mask)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """int32 zeros, at least n of them, shared by the kernels that reduce their K splits in place (each
-    kernel leaves them at zero). Kernels that use them must not run concurrently (one stream)."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        have = torch.zeros(max(n, 1 << 15), dtype=torch.int32, device=device)
-        _COUNTERS[device] = have
-    return have
 
 
 def _words_ok(qweight: torch.Tensor, group: int) -> bool:
