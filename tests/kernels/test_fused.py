@@ -105,6 +105,32 @@ def test_rms_norm_wide_rows_and_fp32_weight() -> None:
     assert torch.equal(s, want_s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_quantizes_its_output_for_fp8(dtype: torch.dtype, monkeypatch) -> None:
+    """With quantize_fp8 the kernel also quantizes each output row per token, bit-equal to the fp8 layer's
+    own quantization of that output, and attaches it: fp8_matmul then runs no quantization kernel and
+    gives the same result. Writing the same `out` again without it detaches the stale quantization."""
+    from kiln.kernels import fp8_matmul as f8
+
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(5, 96, generator=gen) * torch.logspace(-2, 1, 5)[:, None]).to(DEVICE, dtype)
+    res = torch.randn(5, 96, generator=gen).to(DEVICE, dtype)
+    w = (torch.rand(96, generator=gen) + 0.5).to(DEVICE, dtype)
+    out, _ = rms_norm(x, w, 1e-5, res.clone(), quantize_fp8=True)
+    xq, sx = out._kiln_fp8
+    want_q, want_s = f8.quantize_fp8_per_token(out)
+    assert torch.equal(sx, want_s) and torch.equal(xq.view(torch.uint8), want_q.view(torch.uint8))
+    weight = (torch.randn(32, 96, generator=gen) * 0.1).to(DEVICE).to(torch.float8_e4m3fn)
+    scale = (torch.rand(32, generator=gen) * 0.01).to(DEVICE)
+    plain = f8.fp8_matmul(out.clone(), weight, scale)  # a clone carries nothing: quantized here
+    calls = []
+    monkeypatch.setattr(f8, "quantize_fp8_per_token", lambda *a, **k: calls.append(1))
+    fused = f8.fp8_matmul(out, weight, scale)
+    assert calls == [] and torch.equal(fused, plain)
+    rms_norm(x, w, 1e-5, res.clone(), out=out)
+    assert not hasattr(out, "_kiln_fp8")
+
+
 def test_rms_norm_no_tokens() -> None:
     x = torch.empty(0, 64, device=DEVICE)
     y, s = rms_norm(x, torch.ones(64, device=DEVICE), 1e-6, torch.empty(0, 64, device=DEVICE))

@@ -21,7 +21,7 @@ split-K reduced in place by the last split to arrive) is int4_matmul's.
 
 Rounding. quantize_fp8_per_token reproduces formats.fake_quantize_fp8_per_token bit for bit: IEEE
 division (tl.math.div_rn; Triton's `/` is approximate on the GPU) and round-to-nearest-even onto the
-e4m3 grid done in fp32 integer arithmetic (_round_to_e4m3), so the final cast to e4m3 is exact. That
+e4m3 grid done in fp32 integer arithmetic (round_to_e4m3), so the final cast to e4m3 is exact. That
 rounding by hand is also what makes the kernel correct in Triton's interpreter, whose fp32 -> fp8 cast
 does not round to nearest (it gets ~3% of values wrong by a binade); exactly representable values it
 casts right.
@@ -48,7 +48,7 @@ from kiln.kernels.int4_matmul import output_rows, split_plan
 
 
 @triton.jit
-def _round_to_e4m3(v):
+def round_to_e4m3(v):
     """fp32 with |v| <= 448 (up to rounding) -> the nearest e4m3 value (ties to even), as fp32."""
     # Normal e4m3 keeps 3 of fp32's 23 mantissa bits: add half an e4m3 ulp (minus one, plus the kept
     # lsb: ties to even) and clear the 20 dropped bits; a carry bumps the exponent, as it should.
@@ -73,7 +73,7 @@ def _quantize_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_q
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
         scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), 448.0)
         tl.store(s_ptr + row, scale)
-        xq = _round_to_e4m3(tl.math.div_rn(x, scale))
+        xq = round_to_e4m3(tl.math.div_rn(x, scale))
         tl.store(xq_ptr + row * stride_qm + offs, xq.to(xq_ptr.dtype.element_ty), mask=mask)
         return
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -87,8 +87,29 @@ def _quantize_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_q
         offs = k0 + tl.arange(0, BLOCK_K)
         mask = offs < K
         x = tl.load(x_row + offs * stride_xk, mask=mask, other=0.0).to(tl.float32)
-        xq = _round_to_e4m3(tl.math.div_rn(x, scale))
+        xq = round_to_e4m3(tl.math.div_rn(x, scale))
         tl.store(xq_ptr + row * stride_qm + offs, xq.to(xq_ptr.dtype.element_ty), mask=mask)
+
+
+def attach(x: torch.Tensor, xq: torch.Tensor, scale: torch.Tensor) -> None:
+    """Remember that x's per-token quantization is (xq, scale), computed where x was made (the fused
+    RMSNorm): fp8_matmul and fp8_gemv given this very tensor use them instead of quantizing again. The
+    maker writes x and attaches in one call; whoever writes x again detaches (detach)."""
+    x._kiln_fp8 = (xq, scale)
+
+
+def detach(x: torch.Tensor) -> None:
+    """Forget an attached quantization (x is about to be overwritten)."""
+    if hasattr(x, "_kiln_fp8"):
+        del x._kiln_fp8
+
+
+def quantized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's per-token quantization: the one attached to x, or computed now. x [..., K]."""
+    pre = getattr(x, "_kiln_fp8", None)
+    if pre is not None:
+        return pre
+    return quantize_fp8_per_token(x.reshape(-1, x.shape[-1]))
 
 
 def quantize_fp8_per_token(
@@ -224,7 +245,7 @@ def fp8_gemv(
     result, out2 = output_rows(x, m, n, out)
     if m == 0 or n == 0:
         return result
-    xq, sx = quantize_fp8_per_token(x2)
+    xq, sx = quantized(x)
     _gemv_quantized(xq, sx, weight, weight_scale, out2, block_m=block_m, block_n=block_n, block_k=block_k,
                     split_k=split_k, num_warps=num_warps)
     return result
@@ -270,7 +291,7 @@ def fp8_matmul(
     k = x2.shape[1]
     if m == 0 or n == 0:
         return torch.empty(*x.shape[:-1], n, dtype=out_dtype, device=x.device)
-    xq, sx = quantize_fp8_per_token(x2)
+    xq, sx = quantized(x)
     if not x.is_cuda or k % 16 or n % 16 or m <= gemv_max_m:
         y = torch.empty(m, n, dtype=out_dtype, device=x.device)
         cfg = {"block_m": None, "block_n": 64, "block_k": 128, "split_k": None, "num_warps": 4, **(gemv or {})}

@@ -23,15 +23,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.fp8_matmul import attach, detach, round_to_e4m3
+
 MAX_HIDDEN = 65536  # one row must fit one block of registers
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr,
+    x_ptr, res_ptr, w_ptr, out_ptr, xq_ptr, sx_ptr,
     stride_x, stride_res, stride_out,
     n_cols, eps,
     HAS_RESIDUAL: tl.constexpr,
+    QUANT_FP8: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 at long prefills
@@ -49,8 +52,14 @@ def _rms_norm_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n_cols + eps)
     normed = (h * rstd).to(s.dtype).to(tl.float32)  # rounded like the reference's `.to(x.dtype)`
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = w * normed
-    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+    y = (w * normed).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_out + cols, y, mask=mask)
+    if QUANT_FP8:  # the row as the next fp8 layer quantizes it (fp8_matmul.quantize_fp8_per_token)
+        yf = y.to(tl.float32)
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(yf), axis=0), 1e-12), 448.0)
+        tl.store(sx_ptr + row, scale)
+        xq = round_to_e4m3(tl.math.div_rn(yf, scale))
+        tl.store(xq_ptr + row * n_cols + cols, xq.to(xq_ptr.dtype.element_ty), mask=mask)
 
 
 def _num_warps(block: int) -> int:
@@ -70,11 +79,15 @@ def rms_norm(
     eps: float,
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    quantize_fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (weight * rmsnorm(x + residual), x + residual); see the module docstring.
 
     x, residual: [num_tokens, hidden] (unit column stride); with a residual, x + residual is written into
     `residual` and `residual` is returned. out: optional preallocated [num_tokens, hidden].
+    quantize_fp8: also quantize each output row per token to e4m3, in the same kernel, exactly as
+    fp8_matmul.quantize_fp8_per_token would, and attach the result to the output (fp8_matmul.attach), so
+    the fp8 layer that reads it skips its own quantization kernel.
     """
     if x.dim() != 2:
         raise ValueError(f"x must be [num_tokens, hidden], got shape {tuple(x.shape)}")
@@ -94,15 +107,25 @@ def rms_norm(
         if t is not None and hidden > 1 and t.stride(1) != 1:
             raise ValueError(f"{name} must have a unit column stride")
 
+    if quantize_fp8:
+        xq = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+        sx = torch.empty(n_rows, 1, dtype=torch.float32, device=x.device)
+    else:
+        xq = sx = out  # valid pointers; never written
     if n_rows > 0:
         block = triton.next_power_of_2(hidden)
         res = residual if residual is not None else x  # a valid pointer; never read or written
         _rms_norm_kernel[(n_rows,)](
-            x, res, weight, out,
+            x, res, weight, out, xq, sx,
             x.stride(0), res.stride(0), out.stride(0),
             hidden, eps,
             HAS_RESIDUAL=residual is not None,
+            QUANT_FP8=quantize_fp8,
             BLOCK=block,
             num_warps=_num_warps(block),
         )
+    if quantize_fp8:
+        attach(out, xq, sx)
+    else:
+        detach(out)  # a preallocated out may carry an older row's quantization
     return out, (residual if residual is not None else x)

@@ -10,9 +10,12 @@ from kiln.layers.base import WeightLoading
 
 
 class RMSNorm(WeightLoading):
-    def __init__(self, hidden: int, eps: float):
+    def __init__(self, hidden: int, eps: float, quantize_fp8: bool = False):
+        """quantize_fp8: the layer reading the output is fp8 W8A8; on the GPU path the kernel then also
+        quantizes the output per token and attaches it (kernels/rmsnorm.py), saving that layer a kernel."""
         super().__init__()
         self.eps = eps
+        self.quantize_fp8 = quantize_fp8
         self.weight = nn.Parameter(torch.empty(hidden), requires_grad=False)
 
     def forward(
@@ -22,5 +25,6 @@ class RMSNorm(WeightLoading):
         if use_triton(x):
             from kiln.kernels.rmsnorm import rms_norm
 
-            return rms_norm(x, self.weight, self.eps, residual)  # the sum is written into `residual`
+            # the sum is written into `residual`
+            return rms_norm(x, self.weight, self.eps, residual, quantize_fp8=self.quantize_fp8)
         return reference.rms_norm(x, self.weight, self.eps, residual)

@@ -73,8 +73,9 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer, rotary, tp, quant)
         self.mlp = LlamaMLP(cfg, tp, quant)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        fp8 = quant is not None and quant.algo == "fp8"  # q/k/v and gate/up read the norms' outputs
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, quantize_fp8=fp8)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, quantize_fp8=fp8)
 
     def forward(
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
