@@ -1,6 +1,7 @@
 """Perplexity of every qformat on SmolLM2-135M-Instruct, KJV held-out text (John).
 
     python benchmarks/quant_quality.py [--eval_tokens 16384] [--calib_size 64] [--device cpu|cuda] [--json OUT]
+        [--formats full_prec int8_wo fp8 fp8_rtn int4_wo_g64 int4_awq_g64]
 
 Prints a table (format, perplexity, change versus full precision, and for int4_awq the share of the
 round-to-nearest gap it closes). Calibration text is every book but John; evaluation is John.
@@ -21,7 +22,8 @@ from kiln.quant.quantize import QuantizeRequest, evaluate_checkpoints, quantize
 FORMATS = {
     "full_prec": {"qformat": "full_prec"},
     "int8_wo": {"qformat": "int8_wo"},
-    "fp8": {"qformat": "fp8"},
+    "fp8": {"qformat": "fp8"},  # kiln's default recipe (GPTQ rounding, calibrated)
+    "fp8_rtn": {"qformat": "fp8", "smoothquant": 0.0, "fp8_gptq": False},  # plain round to nearest
     "int4_wo_g64": {"qformat": "int4_wo", "group_size": 64},
     "int4_awq_g64": {"qformat": "int4_awq", "awq_block_size": 64},
 }

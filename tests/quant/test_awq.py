@@ -16,7 +16,7 @@ from kiln.checkpoint.convert import convert_hf, read_hf_config, write_checkpoint
 from kiln.config import BuildConfig
 from kiln.errors import KilnError
 from kiln.layers.attention import AttentionMetadata
-from kiln.quant import awq
+from kiln.quant import awq, layerwise
 from kiln.quant.formats import fake_quantize
 from kiln.quant.methods import QuantConfig
 from kiln.runtime.engine import LLM
@@ -123,14 +123,14 @@ def test_calibration_forward_matches_transformers(tmp_path, variant):
     with torch.no_grad():
         want = model(input_ids=ids[None], output_hidden_states=True).hidden_states  # embed, layer outputs
     state = {n: p.detach() for n, p in model.state_dict().items()}
-    x, rope = want[0][0], awq._rope_tables(cfg, 32, "cpu")
+    x, rope = want[0][0], layerwise.rope_tables(cfg, 32, "cpu")
     for i in range(cfg.num_layers):
         prefix = f"model.layers.{i}."
         w = {n[len(prefix):]: t for n, t in state.items() if n.startswith(prefix)}
-        x = awq._layer_forward(cfg, i, w, x, rope, lambda name, t: None)
+        x = layerwise.layer_forward(cfg, i, w, x, rope, lambda name, t: None)
         if i + 1 < cfg.num_layers:  # transformers' last entry is after the final norm
             torch.testing.assert_close(x, want[i + 1][0], atol=1e-5, rtol=1e-5)
-    final = awq._rms_norm(x, state["model.norm.weight"], cfg.rms_norm_eps)
+    final = layerwise.rms_norm(x, state["model.norm.weight"], cfg.rms_norm_eps)
     torch.testing.assert_close(final, want[-1][0], atol=1e-5, rtol=1e-5)
 
 

@@ -20,7 +20,8 @@ FORMATS = [
     ["--qformat", "int4_wo", "--group_size", "64"],
     ["--qformat", "int4_wo"],
     ["--qformat", "int4_awq", "--awq_block_size", "64", "--calib_size", "4", "--calib_max_seq_length", "64"],
-    ["--qformat", "fp8"],
+    ["--qformat", "fp8", "--calib_size", "4", "--calib_max_seq_length", "64"],  # smoothing and GPTQ
+    ["--qformat", "fp8", "--smoothquant", "0", "--fp8_gptq", "disable"],  # round to nearest, no calibration
 ]
 
 

@@ -25,18 +25,28 @@ class QuantConfig:
 
     algo: str | None = None
     group_size: int = 0  # 0: per output channel
+    # How fp8's weights were made (quant/fp8.py); recorded for the user, the runtime never needs it.
+    smoothquant: float | None = None  # smoothing strength alpha folded into the weights (0: none)
+    gptq: bool = False  # weights rounded by GPTQ instead of to nearest
 
     @property
     def bits(self) -> int:
         return {"int8_wo": 8, "int4_wo": 4, "int4_awq": 4, "fp8": 8}.get(self.algo or "", 16)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_algo": self.algo, "group_size": self.group_size, "bits": self.bits}
+        d: dict[str, Any] = {"quant_algo": self.algo, "group_size": self.group_size, "bits": self.bits}
+        if self.smoothquant is not None:
+            d["smoothquant"] = self.smoothquant
+        if self.gptq:
+            d["gptq"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         algo = d.get("quant_algo")
-        return cls(None if algo in (None, "full_prec") else algo, int(d.get("group_size") or 0))
+        alpha = d.get("smoothquant")
+        return cls(None if algo in (None, "full_prec") else algo, int(d.get("group_size") or 0),
+                   None if alpha is None else float(alpha), bool(d.get("gptq", False)))
 
 
 def _param(*shape: int, dtype: torch.dtype | None = None) -> nn.Parameter:
