@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     calib = p.add_argument_group("calibration (int4_awq, fp8)")
     calib.add_argument("--calib_dataset", default="kjv",
                        help="kjv (the King James Bible, offline), a .txt or .jsonl file, or a Hugging Face dataset name")
-    calib.add_argument("--calib_size", type=positive_int, default=512, help="calibration windows (default 512)")
+    calib.add_argument("--calib_size", type=positive_int, default=None,
+                       help="calibration windows (default 512 for int4_awq, 64 for fp8)")
     calib.add_argument("--calib_max_seq_length", type=positive_int, default=512, help="tokens per window (default 512)")
     calib.add_argument("--batch_size", type=positive_int, default=1, help="accepted for compatibility; AWQ runs layer by layer over all windows")
     fp8 = p.add_argument_group("calibrated fp8 (on --calib_dataset; the checkpoint format stays the same)")

@@ -22,6 +22,11 @@ from kiln.quant.defaults import FP8_GPTQ, FP8_SMOOTHQUANT
 from kiln.quant.methods import QuantConfig
 
 
+# Calibration windows by default: AWQ's search wants many; fp8's GPTQ met its bar with 64 (BENCHMARKS.md),
+# and each window is a forward pass of every layer, so 64 keeps a CPU run to minutes.
+CALIB_SIZE = {"int4_awq": 512, "fp8": 64}
+
+
 @dataclass(frozen=True)
 class QuantizeRequest:
     model_dir: Path
@@ -32,7 +37,7 @@ class QuantizeRequest:
     dtype: str = "float16"
     tp_size: int = 1
     calib_dataset: str = "kjv"
-    calib_size: int = 512
+    calib_size: int | None = None  # None: CALIB_SIZE of the format
     calib_max_seq_length: int = 512
     device: str | None = None
     smoothquant: float | None = None  # fp8 only; None: defaults.FP8_SMOOTHQUANT
@@ -92,7 +97,8 @@ def _calibration_windows(req: QuantizeRequest, model_dir: Path) -> list:
 
     tokenizer = load_tokenizer(model_dir)
     text = load_text(req.calib_dataset, "calib")
-    calib = token_windows(tokenizer, text, req.calib_size, req.calib_max_seq_length, "--calib_dataset")
+    size = req.calib_size or CALIB_SIZE.get(req.qformat, 512)
+    calib = token_windows(tokenizer, text, size, req.calib_max_seq_length, "--calib_dataset")
     print(f"calibrating on {len(calib)} windows of {req.calib_max_seq_length} tokens from {req.calib_dataset}")
     return calib
 
