@@ -33,6 +33,8 @@ def time_grid(algo: str, n: int, k: int, group: int, top: int) -> list[dict]:
     names = ["gemv1", "gemv"] if "gemv1" in paths else ["gemv"]
     for name in names:
         grid = tuning.GEMV1_GRID if name == "gemv1" else tuning.GEMV_GRID
+        variants = tuning.VARIANTS.get(name if name == "gemv1" else f"{algo}:{name}", {})
+        grid = grid + [dict(cfg, **{key: v}) for cfg in grid for key, vals in variants.items() for v in vals]
         for cfg in grid:
             try:
                 ms = tuning._bench(lambda cfg=cfg, name=name: paths[name](x, **cfg)) / len(paths.copies)

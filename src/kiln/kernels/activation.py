@@ -17,12 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.pdl import grid_dependency_sync, pdl_args
+
 
 @triton.jit
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, stride_x, stride_out, d,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # row * stride passes 2**31 at long prefills
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -49,6 +52,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, block: int = 
         _silu_and_mul_kernel[(n_rows, triton.cdiv(d, block))](
             x, out, x.stride(0), out.stride(0), d,
             BLOCK=block,
-            num_warps=4 if block <= 1024 else 8,
+            num_warps=4 if block <= 1024 else 8, **pdl_args(x.device),
         )
     return out

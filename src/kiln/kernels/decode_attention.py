@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.pdl import grid_dependency_sync, pdl_args
+
 LOG2E = 1.4426950408889634
 # Running-max start value: finite so that a row which has only seen masked (-inf) scores gets
 # exp2(-inf - NEG_INIT) = 0 and alpha = exp2(0) = 1 instead of the NaN of (-inf) - (-inf).
@@ -154,8 +156,9 @@ def _decode_kernel(
     qk_scale, sliding_window, num_splits, num_heads,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -205,8 +208,9 @@ def _decode_kernel(
 def _combine_kernel(
     out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     stride_os, stride_oh, num_splits, num_heads,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -309,14 +313,14 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, TILE_N=cfg.tile_n, HAS_WINDOW=sliding_window > 0, SPLIT=split,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
     )
     if split:
         _combine_kernel[(num_seqs, heads)](
             out, part_m, part_l, part_acc,
             out.stride(0), out.stride(1), num_splits, heads,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits),
-            num_warps=4 if block_d * num_splits >= 2048 else 2,
+            num_warps=4 if block_d * num_splits >= 2048 else 2, **pdl_args(q.device),
         )
     return out
 

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from kiln.kernels import split_counters
 from kiln.kernels.int4_matmul import output_rows, split_plan
+from kiln.kernels.pdl import grid_dependency_sync, pdl_args, prefetch_l2
 
 
 @triton.jit
@@ -64,7 +65,8 @@ def round_to_e4m3(v):
 
 @triton.jit
 def _quantize_fp8_kernel(x_ptr, xq_ptr, s_ptr, K, stride_xm, stride_xk, stride_qm, BLOCK_K: tl.constexpr,
-                         ONE_PASS: tl.constexpr):
+                         ONE_PASS: tl.constexpr, USE_PDL: tl.constexpr):
+    grid_dependency_sync(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     if ONE_PASS:  # the whole row in registers: one read, one dependent chain (decode's short rows)
@@ -135,7 +137,7 @@ def quantize_fp8_per_token(
         block_k = min(block_k, triton.next_power_of_2(max(k, 1)))
     _quantize_fp8_kernel[(m,)](
         x, xq, scale, k, x.stride(0), x.stride(1), xq.stride(0), BLOCK_K=block_k, ONE_PASS=one_pass,
-        num_warps=num_warps,
+        num_warps=num_warps, **pdl_args(x.device),
     )
     return xq, scale
 
@@ -146,6 +148,7 @@ def _fp8_gemv_kernel(
     M, N, K, split_cols,
     stride_xm, stride_wn, stride_wk, stride_om, stride_on,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FUSED_SPLITS: tl.constexpr,
+    WARM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     # Program (n tile, K split, M block). xq is contiguous [M, K] (quantize_fp8_per_token's output).
     pid_n = tl.program_id(0)
@@ -153,11 +156,17 @@ def _fp8_gemv_kernel(
     m0 = tl.program_id(2) * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    k_start = pid_s * split_cols
+    k_end = tl.minimum(k_start + split_cols, K)
+    if USE_PDL:
+        if WARM:  # the weights are constant: pull this program's lines into L2 while the last kernel ends
+            for k in range(k_start, k_end, 128):  # 128 e4m3 values per 128-byte line
+                prefetch_l2(w_ptr + offs_n * stride_wn + k * stride_wk, n_mask)
+            prefetch_l2(w_ptr + offs_n * stride_wn + (k_end - 1) * stride_wk, n_mask)
+    grid_dependency_sync(USE_PDL)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: rows of W along dim 0
 
-    k_start = pid_s * split_cols
-    k_end = tl.minimum(k_start + split_cols, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
@@ -205,7 +214,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) ->
 def _gemv_quantized(
     xq: torch.Tensor, sx: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out2: torch.Tensor,
     *,
-    block_m: int | None, block_n: int, block_k: int, split_k: int | None, num_warps: int,
+    block_m: int | None, block_n: int, block_k: int, split_k: int | None, num_warps: int, warm: int = 1,
 ) -> None:
     m, k = xq.shape
     n = weight.shape[0]
@@ -219,7 +228,8 @@ def _gemv_quantized(
         xq, sx, weight, weight_scale.reshape(n), out2, part, counters,
         m, n, k, split_cols,
         xq.stride(0), weight.stride(0), weight.stride(1), out2.stride(0), out2.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLITS=fused, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLITS=fused, WARM=bool(warm),
+        num_warps=num_warps, **pdl_args(xq.device),
     )
 
 
@@ -234,11 +244,14 @@ def fp8_gemv(
     block_k: int = 128,
     split_k: int | None = None,
     num_warps: int = 4,
+    warm: int = 1,
 ) -> torch.Tensor:
     """W8A8 y = x @ W^T for small M: quantize x per token, then one pass over the e4m3 weight.
 
     block_m: rows of x per program (default next_power_of_2(M), at most 8). split_k: programs per output
     tile along K (None: int4_matmul.auto_split_k), reduced in place by the last split of each element.
+    warm: where the launch overlaps the kernel before (kernels/pdl.py), each program first asks for its
+    share of the weight into L2.
     """
     x2 = _check(x, weight, weight_scale)
     m, n = x2.shape[0], weight.shape[0]
@@ -247,7 +260,7 @@ def fp8_gemv(
         return result
     xq, sx = quantized(x)
     _gemv_quantized(xq, sx, weight, weight_scale, out2, block_m=block_m, block_n=block_n, block_k=block_k,
-                    split_k=split_k, num_warps=num_warps)
+                    split_k=split_k, num_warps=num_warps, warm=warm)
     return result
 
 

@@ -63,6 +63,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels import num_sms, split_counters
+from kiln.kernels.pdl import grid_dependency_sync, pdl_args, prefetch_l2
 
 # 2.0**23 and its fp32 bit pattern: see "int -> float through the exponent" above.
 EXP23 = tl.constexpr(8388608.0)
@@ -92,8 +93,11 @@ def load_group_param(
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, M, N, n_splits, stride_om, stride_on, BLOCK: tl.constexpr):
+def _sum_splits_kernel(
+    part_ptr, out_ptr, M, N, n_splits, stride_om, stride_on, BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
+):
     """out[m, n] = sum_s part[s, m, n] (part: contiguous fp32 [n_splits, M, N]), in out's dtype."""
+    grid_dependency_sync(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -109,7 +113,7 @@ def sum_splits(part: torch.Tensor, out: torch.Tensor) -> None:
     n_splits, m, n = part.shape
     block = 1024
     _sum_splits_kernel[(triton.cdiv(m * n, block),)](
-        part, out, m, n, n_splits, out.stride(0), out.stride(1), BLOCK=block
+        part, out, m, n, n_splits, out.stride(0), out.stride(1), BLOCK=block, **pdl_args(out.device),
     )
 
 
@@ -265,7 +269,9 @@ def _int4_gemv_kernel(
     stride_os, stride_om, stride_on,
     X_BF16: tl.constexpr, GROUP_PAIRS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, CHUNK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     # Program (n tile, K split, M block). KH = K // 2 pairs; BLOCK_KH pairs per loop step, walked in
     # CHUNK-pair pieces that each lie inside one group (the unrolled pieces also give the loads ILP).
     pid_n = tl.program_id(0)
@@ -369,21 +375,27 @@ def _int4_gemv1_kernel(
     stride_qn, stride_sn, stride_sg, stride_zn, stride_zg, stride_on,
     mask_hi, mask_lo, one_bits,
     GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, PREFETCH: tl.constexpr,
-    FUSED_SPLITS: tl.constexpr,
+    FUSED_SPLITS: tl.constexpr, WARM: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_start = pid_s * split_words
+    w_end = tl.minimum(w_start + split_words, KW)
+    if USE_PDL:
+        if WARM:  # the weights are constant: pull this program's lines into L2 while the last kernel ends
+            for w in range(w_start, w_end, 32):  # 32 words per 128-byte line
+                prefetch_l2(qw_ptr + offs_n * stride_qn + w, n_mask)
+            prefetch_l2(qw_ptr + offs_n * stride_qn + w_end - 1, n_mask)
+    grid_dependency_sync(USE_PDL)
     # One row of x (M = 1). Program (n tile, K split); a split is a whole number of groups and of steps.
     # The weight is read as int32 words of 8 nibbles (columns 8j..8j+7), CW words of BLOCK_N rows per
     # step. Per weight: half a shift, an and-or into a float 1 + q/16 or 1 + q/256, an FFMA; the zero point
     # and the scale are applied once per (row, group) (_word_products: acc = A + sum x q / 16):
     # sum x (q - z) = 16 (acc - A) - z S.
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     offs_c = tl.arange(0, CW)
     out = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    w_start = pid_s * split_words
-    w_end = tl.minimum(w_start + split_words, KW)
     if GROUP_WORDS >= CW:  # a group takes one or more steps (CW divides GROUP_WORDS)
         for g0 in range(w_start, w_end, GROUP_WORDS):
             acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
@@ -465,6 +477,7 @@ def int4_gemv1(
     split_k: int | None = None,
     num_warps: int = 4,
     prefetch: int = 0,
+    warm: int = 1,
 ) -> torch.Tensor:
     """y = x @ W^T for one row of x (decode at batch 1), under four instructions per weight.
 
@@ -473,7 +486,8 @@ def int4_gemv1(
     several, which share the thread's x). chunk_words: int32 words (8 columns each) per step, a power
     of two; a step covers part of a group, or several whole groups when the group is a smaller power of
     two. split_k: programs along K, in whole groups and steps (None: `auto_split_k`). prefetch: load each
-    step's words one step ahead (steps of several groups only).
+    step's words one step ahead (steps of several groups only). warm: where the launch overlaps the
+    kernel before (kernels/pdl.py), each program first asks for its share of the weight into L2.
     """
     x2, n, k, group = _check(x, qweight, scales, zeros, group_size)
     if x2.shape[0] != 1 or not _words_ok(qweight, group):
@@ -502,8 +516,8 @@ def int4_gemv1(
         n, kw, split_words,
         qweight.stride(0) // 4, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), out2.stride(1),
         BYTE_MASK_HI, BYTE_MASK_LO, ONE_BITS,
-        GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, PREFETCH=bool(prefetch), FUSED_SPLITS=fused,
-        num_warps=num_warps,
+        GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, PREFETCH=bool(prefetch), FUSED_SPLITS=fused, WARM=bool(warm),
+        num_warps=num_warps, **pdl_args(x.device),
     )
     return result
 
@@ -548,7 +562,7 @@ def int4_gemv(
         stride_os, target.stride(-2), target.stride(-1),
         X_BF16=x.dtype == torch.bfloat16, GROUP_PAIRS=group_constexpr(group_pairs, n_groups),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh,
-        CHUNK=chunk_in_group(block_kh, group_pairs, n_groups), num_warps=num_warps,
+        CHUNK=chunk_in_group(block_kh, group_pairs, n_groups), num_warps=num_warps, **pdl_args(x.device),
     )
     if n_splits > 1:
         sum_splits(target, out2)
@@ -563,7 +577,9 @@ def _int4_gemm_kernel(
     stride_os, stride_om, stride_on,
     X_BF16: tl.constexpr, GROUP_PAIRS: tl.constexpr, SCALAR_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     # Program (output tile, K split). Tiles are walked GROUP_M tile-rows at a time, so neighbours share
     # x and W tiles in L2.
     pid = tl.program_id(0)
@@ -651,7 +667,7 @@ def int4_gemm(
         X_BF16=x.dtype == torch.bfloat16, GROUP_PAIRS=group_constexpr(group_pairs, n_groups),
         SCALAR_GROUP=n_groups == 1 or group_pairs % block_kh == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh, GROUP_M=group_m,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(x.device),
     )
     if n_splits > 1:
         sum_splits(target, out2)
@@ -664,8 +680,9 @@ def _dequant_int4_kernel(
     N, KH,
     stride_qn, stride_qj, stride_sn, stride_sg, stride_zn, stride_zg, stride_on,
     OUT_BF16: tl.constexpr, GROUP_PAIRS: tl.constexpr, SCALAR_GROUP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KH: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     j0 = tl.program_id(1) * BLOCK_KH
     offs_j = j0 + tl.arange(0, BLOCK_KH)
@@ -712,7 +729,7 @@ def dequantize_int4(
         zeros.stride(0), zeros.stride(1), words.stride(0),
         OUT_BF16=dtype == torch.bfloat16, GROUP_PAIRS=group_constexpr(group_pairs, n_groups),
         SCALAR_GROUP=n_groups == 1 or group_pairs % block_kh == 0,
-        BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_KH=block_kh, num_warps=num_warps, **pdl_args(qweight.device),
     )
     return out
 

@@ -46,6 +46,7 @@ from kiln.kernels.int4_matmul import (
     splits_target,
     sum_splits,
 )
+from kiln.kernels.pdl import grid_dependency_sync, pdl_args
 
 
 @triton.jit
@@ -70,8 +71,9 @@ def _int8_gemv_kernel(
     M, N, K, split_cols,
     stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    CHUNK: tl.constexpr,
+    CHUNK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     # Program (n tile, K split, M block); each CHUNK of K lies inside one group.
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -136,7 +138,7 @@ def int8_gemv(
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         stride_os, target.stride(-2), target.stride(-1),
         GROUP=group_constexpr(group, n_groups), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        CHUNK=chunk_in_group(block_k, group, n_groups), num_warps=num_warps,
+        CHUNK=chunk_in_group(block_k, group, n_groups), num_warps=num_warps, **pdl_args(x.device),
     )
     if n_splits > 1:
         sum_splits(target, out2)
@@ -150,7 +152,9 @@ def _int8_gemm_kernel(
     stride_xm, stride_xk, stride_qn, stride_qk, stride_sn, stride_sg, stride_os, stride_om, stride_on,
     GROUP: tl.constexpr, SCALAR_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     # Program (output tile, K split). Tiles are walked GROUP_M tile-rows at a time, so neighbours share
     # x and W tiles in L2.
     pid = tl.program_id(0)
@@ -227,7 +231,7 @@ def int8_gemm(
         stride_os, target.stride(-2), target.stride(-1),
         GROUP=group_constexpr(group, n_groups), SCALAR_GROUP=n_groups == 1 or group % block_k == 0,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(x.device),
     )
     if n_splits > 1:
         sum_splits(target, out2)
@@ -240,7 +244,9 @@ def _dequant_int8_kernel(
     N, K,
     stride_qn, stride_qk, stride_sn, stride_sg, stride_on,
     GROUP: tl.constexpr, SCALAR_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k0 = tl.program_id(1) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -277,7 +283,7 @@ def dequantize_int8(
         n, k,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1), out.stride(0),
         GROUP=group_constexpr(group, n_groups), SCALAR_GROUP=n_groups == 1 or group % block_k == 0,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **pdl_args(qweight.device),
     )
     return out
 

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.decode_attention import LOG2E, NEG_INIT, attend_kv_tiles, check_paged_inputs, dot_precision
+from kiln.kernels.pdl import grid_dependency_sync, pdl_args
 
 
 class PrefillConfig(NamedTuple):
@@ -73,7 +74,9 @@ def _prefill_kernel(
     qk_scale, sliding_window, num_m_blocks,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     head = tl.program_id(0)
     m_block = num_m_blocks - 1 - tl.program_id(1)
     seq = tl.program_id(2)
@@ -173,6 +176,6 @@ def paged_prefill_attention(
         GROUP=heads // k_cache.shape[2], HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window > 0,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
     )
     return out

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.fp8_matmul import attach, detach, round_to_e4m3
+from kiln.kernels.pdl import grid_dependency_sync, pdl_args
 
 MAX_HIDDEN = 65536  # one row must fit one block of registers
 
@@ -35,8 +36,9 @@ def _rms_norm_kernel(
     n_cols, eps,
     HAS_RESIDUAL: tl.constexpr,
     QUANT_FP8: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     row = tl.program_id(0).to(tl.int64)  # row * stride can pass 2**31 at long prefills
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -122,7 +124,7 @@ def rms_norm(
             HAS_RESIDUAL=residual is not None,
             QUANT_FP8=quantize_fp8,
             BLOCK=block,
-            num_warps=_num_warps(block),
+            num_warps=_num_warps(block), **pdl_args(x.device),
         )
     if quantize_fp8:
         attach(out, xq, sx)

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.pdl import grid_dependency_sync, pdl_args
+
 
 @triton.jit
 def _rotate(ptrs, c1, s1, c2, s2, half, mask):
@@ -44,8 +46,9 @@ def _rotary_cache_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
     stride_kcb, stride_kcr, stride_kch, stride_vcb, stride_vcr, stride_vch,
     n_heads, n_kv_heads, half, block_size,
-    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    grid_dependency_sync(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok)
     slot = tl.load(slot_ptr + tok)
@@ -129,5 +132,5 @@ def rotary_and_cache_write(
         HEADS=triton.next_power_of_2(n_heads),
         KV_HEADS=triton.next_power_of_2(n_kv_heads),
         HALF=triton.next_power_of_2(half),
-        num_warps=4,
+        num_warps=4, **pdl_args(q.device),
     )
