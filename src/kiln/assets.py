@@ -37,9 +37,14 @@ def smollm2_gguf() -> Path:
 
 def smollm2_hf_dir(rebuild: bool = False) -> Path:
     """The default model as a Hugging Face folder in the cache, converted from its GGUF on first use."""
-    folder = kiln_home() / "models" / "SmolLM2-135M-Instruct"
-    if rebuild or not (folder / "config.json").is_file():
-        from kiln.checkpoint.gguf import gguf_to_hf
+    from kiln.fsutil import exclusive
 
-        gguf_to_hf(smollm2_gguf(), folder)
+    folder = kiln_home() / "models" / "SmolLM2-135M-Instruct"
+    if not rebuild and (folder / "config.json").is_file():
+        return folder
+    with exclusive(folder.with_name(f".{folder.name}.lock")):  # another process may be converting it
+        if rebuild or not (folder / "config.json").is_file():
+            from kiln.checkpoint.gguf import gguf_to_hf
+
+            gguf_to_hf(smollm2_gguf(), folder)
     return folder

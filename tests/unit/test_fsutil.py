@@ -1,7 +1,8 @@
-"""fsutil.atomic_dir: all-or-nothing artifact folders, no temporary folders left behind."""
+"""fsutil: all-or-nothing artifact folders and files, no temporary files left behind, and cache locks."""
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +133,38 @@ def test_json_helpers(tmp_path):
     assert require_dir(tmp_path, "--d") == tmp_path
     with pytest.raises(KilnError, match="--d"):
         require_dir(tmp_path / "nope", "--d")
+
+
+def test_exclusive_makes_a_second_holder_wait(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from kiln.fsutil import exclusive
+
+    lock = tmp_path / "cache" / ".entry.lock"
+    events: list[str] = []
+    held = threading.Event()
+
+    def first() -> None:
+        with exclusive(lock):
+            held.set()
+            time.sleep(0.3)
+            events.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    held.wait(5)
+    with exclusive(lock):  # a separate open file: blocks until the first holder lets go
+        events.append("second in")
+    t.join()
+    assert events == ["first done", "second in"]
+
+
+def test_write_bytes_atomic_leaves_only_the_file(tmp_path: Path) -> None:
+    from kiln.fsutil import write_bytes_atomic
+
+    target = tmp_path / "kjv.jsonl"
+    write_bytes_atomic(target, b"old")
+    write_bytes_atomic(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["kjv.jsonl"]

