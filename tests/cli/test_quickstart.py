@@ -60,3 +60,29 @@ def test_second_quickstart_finds_every_step_cached(quickstarts: tuple[subprocess
     check_generation(second.stdout)
     answer = re.compile(r"^SmolLM2: .*$", re.M)
     assert answer.findall(second.stdout) == answer.findall(first.stdout)  # greedy: the same answer
+
+
+def test_a_step_started_twice_at_once_is_made_once(tmp_path, capsys) -> None:
+    """Two quickstarts at once: the second waits for the first's step and finds it cached."""
+    import threading
+    import time
+
+    from kiln.cli.quickstart import _step
+
+    folder = tmp_path / "engines" / "e"
+    made: list[str] = []
+
+    def make(who: str) -> None:
+        made.append(who)
+        time.sleep(0.3)
+        folder.mkdir(parents=True)
+        (folder / "engine.json").write_text("{}")
+
+    first = threading.Thread(target=_step, args=(3, "engine", folder, "engine.json", False, lambda: make("first")))
+    first.start()
+    while not made:
+        time.sleep(0.01)
+    _step(3, "engine", folder, "engine.json", False, lambda: make("second"))
+    first.join()
+    assert made == ["first"]
+    assert "cached at" in capsys.readouterr().out

@@ -55,12 +55,17 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _step(n: int, what: str, folder: Path, marker: str, rebuild: bool, make: Callable[[], object]) -> None:
+    from kiln.fsutil import exclusive
+
     start = time.perf_counter()
-    if (folder / marker).is_file() and not rebuild:
-        print(f"[{n}/4] {what}: cached at {folder} ({time.perf_counter() - start:.1f} s)")
-        return
-    print(f"[{n}/4] {what}: writing {folder} ...", flush=True)
-    make()
+    # Under a lock: a second quickstart started meanwhile waits for this one's step and then uses it.
+    # (Its own lock file: step 1's make() takes the model folder's lock, assets.smollm2_hf_dir.)
+    with exclusive(folder.with_name(f".{folder.name}.quickstart.lock")):
+        if (folder / marker).is_file() and not rebuild:
+            print(f"[{n}/4] {what}: cached at {folder} ({time.perf_counter() - start:.1f} s)")
+            return
+        print(f"[{n}/4] {what}: writing {folder} ...", flush=True)
+        make()
     print(f"[{n}/4] {what}: done ({time.perf_counter() - start:.1f} s)")
 
 
