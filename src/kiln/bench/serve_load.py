@@ -6,7 +6,9 @@ or KServe generate_stream). Prompts are drawn from a list of common English word
 each in the usual BPE vocabularies (with their leading space), so a prompt of N words is close to N
 tokens. The server streams text, not token ids: TTFT and the gaps between chunks are exact, while the
 token count comes from the server's own usage report where it gives one (OpenAI `include_usage`).
-A failed request is counted by its HTTP status (its body shown once), never fatal to the run.
+A failed request is counted by its HTTP status (its body shown once), never fatal to the run. Each
+closed-loop worker keeps a connection of its own, and every stream is read to its end, so that a
+request's TTFT holds no connection set-up that a user's kept-alive client would not pay.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -257,10 +259,15 @@ async def resolve_model(client: httpx.AsyncClient, url: str, model: str | None) 
 
 async def send_one(client: httpx.AsyncClient, url: str, protocol: str, model: str, prompt: str,
                    max_tokens: int) -> tuple[RequestRecord, str | None]:
-    """Send one streaming request and time its chunks; returns the record and, for a failure, what to show."""
+    """Send one streaming request and time its chunks; returns the record and, for a failure, what to show.
+
+    The stream is read to its end, also after OpenAI's `[DONE]` (the server ends the body right after
+    it): a response left unfinished makes httpx close its connection, and the next request would pay a
+    new TCP connection on both sides, which a client that keeps its connection does not."""
     path, body = request_for(protocol, model, prompt, max_tokens)
     times: list[float] = []
     usage: int | None = None
+    end: float | None = None
     start = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}{path}", json=body) as response:
@@ -268,7 +275,7 @@ async def send_one(client: httpx.AsyncClient, url: str, protocol: str, model: st
                 text = (await response.aread()).decode(errors="replace")
                 return RequestRecord(f"HTTP {response.status_code}"), text[:SHOWN_BODY_CHARS]
             async for line in response.aiter_lines():
-                event = parse_line(protocol, line)
+                event = None if end is not None else parse_line(protocol, line)
                 if event is None:
                     continue
                 if event.error is not None:
@@ -278,14 +285,22 @@ async def send_one(client: httpx.AsyncClient, url: str, protocol: str, model: st
                 if event.usage_tokens is not None:
                     usage = event.usage_tokens
                 if event.done:
-                    break
+                    end = time.perf_counter()
     except httpx.HTTPError as e:  # connection lost, timeout, malformed answer
         return RequestRecord(type(e).__name__), f"{type(e).__name__}: {e}"
-    end = time.perf_counter()
+    end = end or time.perf_counter()
     if not times:
         return RequestRecord("no text streamed"), "the stream ended without any text"
     gaps = tuple(b - a for a, b in zip(times, times[1:]))
     return RequestRecord(None, times[0] - start, end - start, gaps, len(times), usage), None
+
+
+def new_client(api_key: str | None, timeout_s: float, connections: int | None,
+               verify: Any = True) -> httpx.AsyncClient:
+    """An httpx client of at most `connections` kept-alive connections (None: no limit)."""
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(headers=headers_for(api_key), timeout=httpx.Timeout(timeout_s), limits=limits,
+                             verify=verify)
 
 
 async def run_load(url: str, protocol: str, prompts: list[str], output_len: int, *, model: str | None = None,
@@ -305,45 +320,59 @@ async def run_load(url: str, protocol: str, prompts: list[str], output_len: int,
 async def _run_records(url: str, protocol: str, prompts: list[str], output_len: int, *, model: str | None,
                        concurrency: int | None, request_rate: float | None, api_key: str | None, seed: int,
                        timeout_s: float, log: Log) -> tuple[list[RequestRecord], float, float, str]:
-    """The records of every request, and the run's start and end (time.time(), comparable across processes)."""
+    """The records of every request, and the run's start and end (time.time(), comparable across processes).
+    At a fixed concurrency each worker has a connection of its own, kept from one request to the next;
+    Poisson arrivals share one client with no limit on its connections."""
+    url = _check_load(url, protocol, prompts, output_len, concurrency, request_rate)
+    arrivals = arrival_times(len(prompts), request_rate, seed) if request_rate is not None else None
+    shown: set[str] = set()
+    records: list[RequestRecord | None] = [None] * len(prompts)
+    verify = httpx.create_ssl_context()  # made once: each client would load the CA bundle again
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        record, problem = await send_one(client, url, protocol, model, prompts[i], output_len)
+        records[i] = record
+        if record.failure is not None and record.failure not in shown:
+            shown.add(record.failure)
+            log(f"  request failed: {record.failure}: {problem} (shown once; later ones are counted)")
+
+    async with new_client(api_key, timeout_s, None, verify) as shared:
+        model = await resolve_model(shared, url, model)
+        start, wall_start = time.perf_counter(), time.time()
+        if arrivals is not None:
+            await asyncio.gather(*(_at(start + t, one(shared, i)) for i, t in enumerate(arrivals)))
+        else:
+            queue = iter(range(len(prompts)))
+            await asyncio.gather(*(_worker_loop(new_client(api_key, timeout_s, 1, verify), queue, one)
+                                   for _ in range(min(concurrency or 1, len(prompts)))))
+        wall_end = wall_start + time.perf_counter() - start
+    return [r for r in records if r is not None], wall_start, wall_end, model
+
+
+def _check_load(url: str, protocol: str, prompts: list[str], output_len: int, concurrency: int | None,
+                request_rate: float | None) -> str:
+    """The base URL, once the run's settings are known to make sense (before any request)."""
     if (concurrency is None) == (request_rate is None):
         raise KilnError("give exactly one of --concurrency C and --request_rate R")
     if concurrency is not None and concurrency < 1:
         raise KilnError(f"--concurrency {concurrency} is invalid: it must be 1 or more")
     if not prompts:
         raise KilnError("--num_requests must be 1 or more")
-    request_for(protocol, "m", "", output_len)  # an unknown protocol fails here, before any request
-    url = check_url(url)
-    arrivals = arrival_times(len(prompts), request_rate, seed) if request_rate is not None else None
-    width = None if concurrency is None else min(concurrency, len(prompts))
-    limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)
-    shown: set[str] = set()
-    records: list[RequestRecord | None] = [None] * len(prompts)
+    request_for(protocol, "m", "", output_len)  # an unknown protocol fails here
+    return check_url(url)
 
-    async with httpx.AsyncClient(headers=headers_for(api_key), timeout=httpx.Timeout(timeout_s),
-                                 limits=limits) as client:
-        model = await resolve_model(client, url, model)
 
-        async def one(i: int) -> None:
-            record, problem = await send_one(client, url, protocol, model, prompts[i], output_len)
-            records[i] = record
-            if record.failure is not None and record.failure not in shown:
-                shown.add(record.failure)
-                log(f"  request failed: {record.failure}: {problem} (shown once; later ones are counted)")
+async def _worker_loop(client: httpx.AsyncClient, queue: Iterator[int],
+                       one: Callable[[httpx.AsyncClient, int], Awaitable[None]]) -> None:
+    """One closed-loop user: its own connection, one request after another (the indices are shared).
 
-        start, wall_start = time.perf_counter(), time.time()
-        if arrivals is not None:
-            await asyncio.gather(*(_at(start + t, one(i)) for i, t in enumerate(arrivals)))
-        else:
-            queue = iter(range(len(prompts)))
-
-            async def worker() -> None:
-                for i in queue:  # shared: each index is taken by one worker
-                    await one(i)
-
-            await asyncio.gather(*(worker() for _ in range(width or 1)))
-        wall_end = wall_start + time.perf_counter() - start
-    return [r for r in records if r is not None], wall_start, wall_end, model
+    Not one pool for all the workers: httpcore's pool can hand one idle connection to several queued
+    requests at once (it stays idle until the first of them starts); the others find it taken and go
+    round again, one winner per round (encode/httpcore#822). Measured with 64 streams ending together
+    (benchmarks/serve_ttft.py): requests waited up to 2 s for a connection of the client's own pool."""
+    async with client:
+        for i in queue:  # shared: each index is taken by one worker
+            await one(client, i)
 
 
 def run_load_processes(workers: int, url: str, protocol: str, prompts: list[str], output_len: int, *,
