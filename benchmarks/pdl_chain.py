@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 import torch
 
@@ -95,7 +96,7 @@ def main() -> None:
         for flag in ("0", "1"):
             os.environ["KILN_PDL"] = flag
             pdl._enabled.cache_clear()
-            graph, out = capture(lambda: step(algo, group, layers, norm_w, x, cfg.hidden_size))
+            graph, out = capture(partial(step, algo, group, layers, norm_w, x, cfg.hidden_size))
             ms = time_graph(graph)
             results[flag] = (ms, out.clone())
             print(f"{item:14} KILN_PDL={flag}: {ms:.3f} ms per step, {nbytes / ms / 1e6:.0f} GB/s "
@@ -104,7 +105,7 @@ def main() -> None:
         same = torch.equal(results["0"][1], results["1"][1])
         print(f"{item:14} outputs bit-equal: {same}; PDL saves "
               f"{(results['0'][0] - results['1'][0]) * 1e3:.0f} us per step", flush=True)
-        del layers
+        layers.clear()
         torch.cuda.empty_cache()
 
 

@@ -21,7 +21,6 @@ from kiln.fsutil import require_dir
 from kiln.quant.defaults import FP8_GPTQ, FP8_SMOOTHQUANT
 from kiln.quant.methods import QuantConfig
 
-
 # Calibration windows by default: AWQ's search wants many; fp8's GPTQ met its bar with 64 (BENCHMARKS.md),
 # and each window is a forward pass of every layer, so 64 keeps a CPU run to minutes.
 CALIB_SIZE = {"int4_awq": 512, "fp8": 64}
