@@ -34,7 +34,7 @@ that the pages' flags are real flags of real commands):
   every step of the workflow, tensor parallelism over 2 ranks included, runs in seconds;
 - `--device cpu` on every kiln command that has `--device`, so that the ranks of a 2-rank engine run
   as processes on one machine, as they do in CI;
-- SHRINK: the calibration of `kiln quantize`, `kiln run`'s `--max_output_len` and the load of
+- SHRINK: the calibration and `--eval` text of `kiln quantize`, `kiln run`'s `--max_output_len` and the load of
   `kiln bench serve` made small;
 - port 8000 (`kiln serve`'s default, and in URLs) becomes a free port;
 - `$(which kiln)` becomes the path of this environment's kiln script.
@@ -64,7 +64,7 @@ from . import REPO, command_docs
 
 REPOS = ("mistralai/Mistral-7B-v0.3", "mistralai/Mistral-Nemo-Instruct-2407")
 SHRINK = {  # command -> {flag: the value used here, where the page gives a larger one or none}
-    "quantize": {"--calib_size": "16", "--calib_max_seq_length": "64"},
+    "quantize": {"--calib_size": "16", "--calib_max_seq_length": "64", "--eval_tokens": "4096"},
     "run": {"--max_output_len": "32"},
     "bench serve": {"--num_requests": "16", "--output_len": "16"},
 }

@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "--fp8_gptq disable, fp8 is plain round-to-nearest without calibration")
     p.add_argument("--device", default=None, help="where calibration runs: cpu or cuda (default: cuda when visible)")
     p.add_argument("--eval", action="store_true", help="print perplexity before and after on held-out KJV text")
-    p.add_argument("--eval_tokens", type=positive_int, default=4096, help="held-out tokens for --eval (default 4096)")
+    p.add_argument("--eval_tokens", type=positive_int, default=16384,
+                   help="held-out tokens for --eval (default 16384, as kiln eval)")
     p.set_defaults(func=main)
 
 
