@@ -24,8 +24,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/kiln quickstart
 
+# the suite in TEST_WORKERS processes (pytest-xdist), each test folder whole in one of them (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope
 
 # every GPU test and the latency table, in one run (needs an NVIDIA GPU; uses the system python3)
 gpu-check:

@@ -44,6 +44,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`pytest -n N --dist loadscope` (make test) sends each test folder (tests/cli, tests/serve, ...)
+    whole to one worker, instead of each module: a folder's session fixtures (the CLI's artifacts, the
+    served engine) are then made once, not once per worker that runs some of its modules."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFolder(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "/".join(nodeid.split("::", 1)[0].split("/")[:2])
+
+    return ByFolder(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
@@ -58,3 +73,4 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # kernel is defined, so it is set here, before any test module imports kiln.kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
