@@ -68,6 +68,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def _threads_per_worker() -> int | None:
+    """Under `pytest -n N` each worker gets its share of the cores: N processes each running torch with a
+    thread per core oversubscribe the machine, and threads of one parallel region waiting for a thread
+    that lost its core made the CPU-heavy modules several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers < 2:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+if (_threads := _threads_per_worker()) is not None:
+    os.environ["OMP_NUM_THREADS"] = str(_threads)  # the `kiln` subprocesses the tests start, too
+    torch.set_num_threads(_threads)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Without a GPU, Triton kernels run in Triton's interpreter (on CPU tensors). The flag is read when a
 # kernel is defined, so it is set here, before any test module imports kiln.kernels.

@@ -620,7 +620,8 @@ def test_reader_follows_the_conventions(tmp_path: Path):
     assert substitute(["kiln", "serve", "--engine_dir", "e", "--tokenizer_dir", "t"], 1234)[-4:] == [
         "--device", "cpu", "--port", "1234"]
     assert substitute(["kiln", "quantize", "--model_dir", "m", "--output_dir", "o", "--qformat", "int4_awq",
-                       "--calib_size", "8"], 1)[-4:] == ["--device", "cpu", "--calib_max_seq_length", "64"]
+                       "--calib_size", "8"], 1)[-6:] == ["--device", "cpu", "--calib_max_seq_length", "64",
+                                                          "--eval_tokens", "4096"]
     assert _port("http://localhost:8000/v1/models", 4321) == "http://127.0.0.1:4321/v1/models"
 
     page.write_text("```console\n$ kiln doctor\n```\n")
