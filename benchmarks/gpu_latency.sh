@@ -8,12 +8,17 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 runs=" ${RUNS:-bf16 int4_awq_g128 int4_awq_g64 fp8 int8_wo ttft2048_bf16} "
+# PDL="0 1" runs each row twice, without and with programmatic dependent launch (KILN_PDL; rows *_pdl)
 run() {  # name, args...
   local name=$1; shift
   [[ "$runs" == *" $name "* ]] || return 0
-  timeout "${RUN_TIMEOUT:-300}" python3 -m kiln bench latency --synthetic mistral-7b-v0.3 "$@" --output_json "$out/$name.json" \
-    >"$out/$name.txt" 2>&1 || echo "$name FAILED: $(tail -n 3 "$out/$name.txt")"
-  grep -E "time per output|achieved|transformers" "$out/$name.txt" | sed "s/^/$name: /"
+  local pdl tag
+  for pdl in ${PDL:-0}; do
+    tag=$name; [ "$pdl" = 1 ] && tag="${name}_pdl"
+    KILN_PDL=$pdl timeout "${RUN_TIMEOUT:-300}" python3 -m kiln bench latency --synthetic mistral-7b-v0.3 "$@" \
+      --output_json "$out/$tag.json" >"$out/$tag.txt" 2>&1 || echo "$tag FAILED: $(tail -n 3 "$out/$tag.txt")"
+    grep -E "time per output|achieved|transformers" "$out/$tag.txt" | sed "s/^/$tag: /"
+  done
 }
 run bf16 --qformat full_prec ${COMPARE_HF:---compare hf}
 run int4_awq_g128 --qformat int4_awq --group_size 128

@@ -44,6 +44,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# Modules long enough to be a worker's whole share, that use no fixture of their folder's: scheduled alone.
+OWN_SCOPE = {"tests/quant/test_quality.py", "tests/quant/test_quality_fp8.py"}
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """`pytest -n N --dist loadscope` (make test) sends each test folder (tests/cli, tests/serve, ...)
     whole to one worker, instead of each module: a folder's session fixtures (the CLI's artifacts, the
@@ -54,12 +58,18 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
 
     class ByFolder(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "/".join(nodeid.split("::", 1)[0].split("/")[:2])
+            path = nodeid.split("::", 1)[0]
+            if path in OWN_SCOPE:
+                return path
+            return "/".join(path.split("/")[:2])
 
     return ByFolder(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # The long modules first: a worker starts on one while the other works through the folders, instead
+    # of taking it up last and running alone at the end.
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] not in OWN_SCOPE)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU")
