@@ -99,6 +99,7 @@ def runs(
         "stop_words": start("stop_words", *three_prompts, "--stop_words", STOP_WORDS[0], "--stop_words",
                             *STOP_WORDS[1:]),
         "chat": start("chat", "--input_text", CHAT_QUESTION, "--use_chat_template", "--max_output_len", "8"),
+        "chat_bare": start("chat_bare", "--input_text", CHAT_QUESTION, "--max_output_len", "8"),
     }
 
     def end_id_run() -> Run:
@@ -255,3 +256,12 @@ def test_use_chat_template(runs: dict[str, Future[Run]], tokenizer: Any) -> None
     assert out["input"] == CHAT_QUESTION
     assert f'Input [Text 0]: "{CHAT_QUESTION}"' in run.proc.stdout
 
+
+
+def test_an_empty_answer_to_a_bare_prompt_points_to_the_chat_template(runs: dict[str, Future[Run]]) -> None:
+    bare = get(runs, "chat_bare")
+    (out,) = bare.outputs  # SmolLM2-Instruct answers a bare question with its end token
+    assert out["output_text"] == "" and out["finish_reason"] == "stop"
+    assert "--use_chat_template" in bare.proc.stderr
+    assert "--use_chat_template" not in get(runs, "chat").proc.stderr
+    assert "--use_chat_template" not in get(runs, "greedy").proc.stderr  # outputs that say something

@@ -75,6 +75,8 @@ def main(args: argparse.Namespace) -> int:
     outputs = generate_and_print(llm, prompts, params, args.streaming, shown)
     elapsed = time.perf_counter() - start
     print_speed(outputs, elapsed)
+    if not args.use_chat_template:
+        hint_chat_template(outputs, llm.tokenizer)
     if args.output_csv:
         write_atomic(Path(args.output_csv), "".join(",".join(map(str, o.output_ids)) + "\n" for o in outputs))
     if args.output_json:
@@ -141,6 +143,16 @@ def generate_and_print(
             if live < n:
                 show(live)
     return outputs
+
+
+def hint_chat_template(outputs: list[Any], tokenizer: Any) -> None:
+    """An instruct model given a bare prompt often answers with its end token at once: an empty output
+    that looks like a fault. Say why, where the tokenizer has a chat template the user did not ask for."""
+    empty = [o.index for o in outputs if not o.text and len(o.output_ids) <= 1 and o.finish_reason == "stop"]
+    if empty and getattr(tokenizer, "chat_template", None):
+        which = ", ".join(map(str, empty))
+        print(f"[kiln] the model ended input {which} at once, with its end token: this tokenizer has a chat "
+              "template, and a chat (instruct) model usually needs --use_chat_template", file=sys.stderr)
 
 
 def print_speed(outputs: list[Any], elapsed: float) -> None:
