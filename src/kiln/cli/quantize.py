@@ -33,7 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tp_size", type=positive_int, default=1, help="tensor-parallel ranks to shard into")
     calib = p.add_argument_group("calibration (int4_awq, fp8)")
     calib.add_argument("--calib_dataset", default="kjv",
-                       help="kjv (the King James Bible, offline), a .txt or .jsonl file, or a Hugging Face dataset name")
+                       help="kjv (the King James Bible, offline), a .txt or .jsonl file, or a Hugging Face dataset "
+                            "(org/name[:config], or cnn_dailymail, pileval, wikitext)")
     calib.add_argument("--calib_size", type=positive_int, default=None,
                        help="calibration windows (default 512 for int4_awq, 64 for fp8)")
     calib.add_argument("--calib_max_seq_length", type=positive_int, default=512, help="tokens per window (default 512)")

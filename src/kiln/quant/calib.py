@@ -65,14 +65,24 @@ def kjv_text(split: str) -> str:
     return " ".join(v["text"] for v in verses if keep(v))
 
 
+# Calibration sets other tools name by a short word (TensorRT-LLM's default is cnn_dailymail): the Hub
+# repository, its configuration and the column that holds the text.
+HUB_ALIASES = {
+    "cnn_dailymail": ("abisee/cnn_dailymail", "3.0.0", "article"),
+    "pileval": ("mit-han-lab/pile-val-backup", None, "text"),
+    "wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1", "text"),
+}
+
+
 def load_text(dataset: str, split: str) -> str:
-    """`kjv`, a .txt file, or a .jsonl file (each line an object with a "text" field, or a string)."""
+    """`kjv`, a .txt file, a .jsonl file (each line an object with a "text" field, or a string), or a
+    Hugging Face dataset: `org/name`, `org/name:config`, or a name of HUB_ALIASES."""
     if dataset == "kjv":
         return kjv_text(split)
     path = Path(dataset)
     if path.is_file():
         return _file_text(path)
-    if path.suffix in (".txt", ".jsonl", ".json") or "/" not in dataset:
+    if path.suffix in (".txt", ".jsonl", ".json") or path.is_dir():
         raise KilnError(f"--calib_dataset {dataset}: no such file (use kjv, a .txt or a .jsonl file)")
     return _hf_dataset_text(dataset)
 
@@ -96,19 +106,27 @@ def _file_text(path: Path) -> str:
 
 
 def _hf_dataset_text(name: str) -> str:
+    """The text column of a Hub dataset's train split (calibration never reads its evaluation split)."""
+    repo, config, column = HUB_ALIASES.get(name) or (*name.partition(":")[::2], None)
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
         raise KilnError(
-            f"--calib_dataset {name}: a Hugging Face dataset needs `pip install datasets` and network "
-            "access; or give kjv, or a local .txt / .jsonl file"
+            f"--calib_dataset {name}: not a local file, and a Hugging Face dataset needs `pip install "
+            "datasets` and network access; or give kjv, or a local .txt / .jsonl file"
         ) from None
     try:
-        ds = datasets.load_dataset(name, split="train")
+        ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as e:  # noqa: BLE001 - any failure of the hub is the user's network or name
-        raise KilnError(f"--calib_dataset {name}: cannot load it from the Hugging Face Hub ({e}); "
-                        "give kjv or a local file") from None
-    return "\n".join(str(t) for t in ds["text"])
+        raise KilnError(f"--calib_dataset {name}: not a local file, and it cannot be loaded from the Hugging "
+                        f"Face Hub as {repo}{':' + config if config else ''} ({e}); give kjv or a local "
+                        ".txt / .jsonl file") from None
+    texts = [c for c in ds.column_names if c == (column or "text")] or \
+        [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    if not texts:
+        raise KilnError(f"--calib_dataset {name}: the dataset has no text column (columns: "
+                        f"{', '.join(ds.column_names)}); give a local .txt / .jsonl file instead")
+    return "\n".join(str(t) for t in ds[texts[0]])
 
 
 def token_windows(tokenizer: Any, text: str, num: int, length: int, what: str) -> list[torch.Tensor]:
