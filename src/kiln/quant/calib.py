@@ -121,12 +121,13 @@ def _hf_dataset_text(name: str) -> str:
         raise KilnError(f"--calib_dataset {name}: not a local file, and it cannot be loaded from the Hugging "
                         f"Face Hub as {repo}{':' + config if config else ''} ({e}); give kjv or a local "
                         ".txt / .jsonl file") from None
-    texts = [c for c in ds.column_names if c == (column or "text")] or \
-        [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
-    if not texts:
+    strings = [c for c, f in ds.features.items() if getattr(f, "dtype", None) == "string"]
+    chosen = column or "text"
+    chosen = chosen if chosen in ds.column_names else next(iter(strings), None)
+    if chosen is None:
         raise KilnError(f"--calib_dataset {name}: the dataset has no text column (columns: "
                         f"{', '.join(ds.column_names)}); give a local .txt / .jsonl file instead")
-    return "\n".join(str(t) for t in ds[texts[0]])
+    return "\n".join(str(t) for t in ds[chosen])
 
 
 def token_windows(tokenizer: Any, text: str, num: int, length: int, what: str) -> list[torch.Tensor]:
