@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Programmatic dependent launch on the GPU, in one run: is it correct (the kernel tests with KILN_PDL=1),
+# what does it save on a chain of a step's kernels (pdl_chain.py), and end to end (`kiln bench latency`
+# with KILN_PDL=0 and 1). Logs go to ${OUT:-out}/, a summary is printed.
+set -uo pipefail
+out="${OUT:-out}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+python3 -c "import torch, triton; from kiln.kernels import pdl
+print('torch', torch.__version__, 'triton', triton.__version__, 'PDL launch option:', pdl._triton_can_launch_pdl(), 'gdc:', pdl.gdc_wait is not None)"
+step() {  # name, timeout, command...
+  local name=$1 limit=$2 t0=$SECONDS; shift 2
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  echo "== $name: exit $? in $((SECONDS - t0)) s"
+}
+step tests_pdl1 ${T_TESTS:-150} env KILN_PDL=1 python3 -m pytest -q -m gpu -p no:cacheprovider \
+  tests/kernels/test_pdl.py tests/kernels/test_quant_matmul.py
+tail -n 3 "$out/tests_pdl1.log"
+step chain ${T_CHAIN:-120} python3 benchmarks/pdl_chain.py --formats ${CHAIN:-int4_awq:128 int4_awq:64 fp8}
+grep -E "KILN_PDL|bit-equal" "$out/chain.log"
+OUT="$out" PDL="0 1" RUNS="${RUNS:-int4_awq_g128 fp8}" RUN_TIMEOUT=${T_RUN:-120} bash benchmarks/gpu_latency.sh \
+  2>&1 | tail -n 12
+if [ -n "${ALL_TESTS:-}" ]; then
+  step tests_pdl0 ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels
+  tail -n 3 "$out/tests_pdl0.log"
+fi
