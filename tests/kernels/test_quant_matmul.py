@@ -189,6 +189,36 @@ def test_int4_matmul_single_row_takes_gemv1(monkeypatch) -> None:
     assert called == ["int4_gemv"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("chunk_words, split_k", [(4, 2), (16, None)])
+def test_int4_gemv1_gated_reads_silu_gate_times_up(dtype: torch.dtype, chunk_words: int, split_k: int | None) -> None:
+    """The down projection reading gate_up's output: the same bits as SiLU-and-mul's kernel, then the GEMV."""
+    from kiln.kernels.activation import silu_and_mul
+
+    p, h = _int4(40, 256, 32, scale_dtype=dtype), 2 * _x(1, 512, dtype)
+    kw = dict(split_k=split_k, block_n=16, chunk_words=chunk_words)
+    got = int4_module.int4_gemv1(h, p["qweight"], p["scales"], p["zeros"], 32, gated=True, **kw)
+    act = silu_and_mul(h)
+    assert torch.equal(got, int4_module.int4_gemv1(act, p["qweight"], p["scales"], p["zeros"], 32, **kw))
+    assert_matches(got, _ref_int4(act, p))
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_int4_matmul_gated_on_every_path(m: int) -> None:
+    from kiln.kernels.activation import silu_and_mul
+
+    p, h = _int4(40, 128, 32), _x(m, 256)
+    got = int4_matmul(h, p["qweight"], p["scales"], p["zeros"], 32, gated=True, gemv_max_m=4)
+    assert got.shape == (m, 40)
+    assert_matches(got, _ref_int4(silu_and_mul(h), p))
+
+
+def test_int4_gemv1_gated_names_the_width_it_needs() -> None:
+    p, h = _int4(16, 128, 32), _x(1, 128)
+    with pytest.raises(ValueError, match="gated x holds gate and up: last dimension 256, got 128"):
+        int4_module.int4_gemv1(h, p["qweight"], p["scales"], p["zeros"], 32, gated=True)
+
+
 @pytest.mark.parametrize("m", [17, 40])
 def test_int4_gemv_several_row_blocks(m: int) -> None:
     """More rows than one program holds (block_m 8): the weight is re-read per block of rows."""

@@ -31,6 +31,17 @@ def force_triton(flag: bool) -> bool:
     return old
 
 
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2 * d], gate then up -> silu(gate) * up [..., d], by the path `use_triton` picks."""
+    if use_triton(x):
+        from kiln.kernels.activation import silu_and_mul as kernel
+
+        return kernel(x)
+    from kiln.kernels.reference import silu_and_mul as plain
+
+    return plain(x)
+
+
 @functools.cache
 def num_sms(device: torch.device | str) -> int:
     """Streaming multiprocessors of a CUDA device; 132 (an H100) elsewhere, so that launch heuristics run

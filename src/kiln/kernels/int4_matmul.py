@@ -58,12 +58,19 @@ tuned on the GPU (see each function).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kiln.kernels import num_sms, split_counters
+from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.pdl import grid_dependency_sync, pdl_args, prefetch_l2
+
+# The MLP's down projection at one row reads silu(gate) * up from gate_up's output inside int4_gemv1
+# (KILN_FUSE_GATE=0: a SiLU-and-mul kernel first, as for every other path; for measuring the two).
+FUSE_GATE = os.environ.get("KILN_FUSE_GATE", "1") != "0"
 
 # 2.0**23 and its fp32 bit pattern: see "int -> float through the exponent" above.
 EXP23 = tl.constexpr(8388608.0)
@@ -333,16 +340,24 @@ def _byte_as_floats(words, j: tl.constexpr, mask_hi, mask_lo, one_bits):
 
 
 @triton.jit
-def _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW: tl.constexpr):
+def _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW: tl.constexpr,
+                   GATED: tl.constexpr, up_offset):
     """acc [BLOCK_N, CW] fp32 plus, per word of `words` [BLOCK_N, CW] (int32, 8 nibbles: columns 8w..8w+7),
     sum_odd x (1 + q/16) + sum_even 16 x (1 + q/256) = A + (1/16) sum x q. Returns (acc, A, S) with
     A [CW] = sum_odd x + 16 sum_even x and S [CW] = sum x over each word's 8 columns.
 
     x is read as one [CW, 8] tile (16-byte loads) and split in registers into the 8 vectors x_i[w] =
     x[8w + i]; each is loaded and converted once per program step and reused by every row a thread
-    holds, so x costs a fraction of an instruction per weight instead of a load and a convert."""
-    xt = tl.load(x_ptr + offs_w[:, None] * 8 + tl.arange(0, 8)[None, :], mask=w_mask[:, None], other=0.0)
-    xt = xt.to(tl.float32).reshape(CW, 2, 2, 2)  # column 8w + 4a + 2b + c at [w, a, b, c]
+    holds, so x costs a fraction of an instruction per weight instead of a load and a convert.
+
+    GATED: x_ptr holds [gate, up] (up at x_ptr + up_offset) and x is silu(gate) * up, rounded to x's
+    dtype as kernels/activation.py rounds it, computed here once per program step."""
+    x_ptrs = x_ptr + offs_w[:, None] * 8 + tl.arange(0, 8)[None, :]
+    xt = tl.load(x_ptrs, mask=w_mask[:, None], other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(x_ptrs + up_offset, mask=w_mask[:, None], other=0.0).to(tl.float32)
+        xt = (xt / (1.0 + tl.exp(-xt)) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
+    xt = xt.reshape(CW, 2, 2, 2)  # column 8w + 4a + 2b + c at [w, a, b, c]
     even, odd = tl.split(xt)  # c = 0 / 1
     e0, e1 = tl.split(even)  # b
     o0, o1 = tl.split(odd)
@@ -375,7 +390,7 @@ def _int4_gemv1_kernel(
     stride_qn, stride_sn, stride_sg, stride_zn, stride_zg, stride_on,
     mask_hi, mask_lo, one_bits,
     GROUP_WORDS: tl.constexpr, BLOCK_N: tl.constexpr, CW: tl.constexpr, PREFETCH: tl.constexpr,
-    FUSED_SPLITS: tl.constexpr, WARM: tl.constexpr, USE_PDL: tl.constexpr,
+    FUSED_SPLITS: tl.constexpr, WARM: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -406,7 +421,8 @@ def _int4_gemv1_kernel(
                 w_mask = offs_w < KW
                 words = tl.load(qw_ptr + offs_n[:, None] * stride_qn + offs_w[None, :],
                                 mask=n_mask[:, None] & w_mask[None, :], other=0)
-                acc, a, xs = _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW)
+                acc, a, xs = _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW,
+                                             GATED, KW * 8)
                 a_sum += a
                 x_sum += xs
             g = g0 // GROUP_WORDS
@@ -429,7 +445,8 @@ def _int4_gemv1_kernel(
             else:
                 words = tl.load(w_ptrs + w0, mask=n_mask[:, None] & w_mask[None, :], other=0)
             acc = tl.zeros((BLOCK_N, CW), dtype=tl.float32)
-            acc, a, xs = _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW)
+            acc, a, xs = _word_products(acc, words, x_ptr, offs_w, w_mask, mask_hi, mask_lo, one_bits, CW,
+                                             GATED, KW * 8)
             sv = tl.sum(acc.reshape(BLOCK_N, CG, GROUP_WORDS), axis=2)
             sa = tl.sum(a.reshape(CG, GROUP_WORDS), axis=1)
             sx = tl.sum(xs.reshape(CG, GROUP_WORDS), axis=1)
@@ -478,6 +495,7 @@ def int4_gemv1(
     num_warps: int = 4,
     prefetch: int = 0,
     warm: int = 1,
+    gated: bool = False,
 ) -> torch.Tensor:
     """y = x @ W^T for one row of x (decode at batch 1), under four instructions per weight.
 
@@ -488,7 +506,11 @@ def int4_gemv1(
     two. split_k: programs along K, in whole groups and steps (None: `auto_split_k`). prefetch: load each
     step's words one step ahead (steps of several groups only). warm: where the launch overlaps the
     kernel before (kernels/pdl.py), each program first asks for its share of the weight into L2.
+    gated: x is [1, 2K], gate then up, and the product is taken with silu(gate) * up (the MLP's down
+    projection reading gate_up's output: no SiLU-and-mul kernel before it).
     """
+    if gated:
+        x = _gate_half(x, 2 * qweight.shape[1])
     x2, n, k, group = _check(x, qweight, scales, zeros, group_size)
     if x2.shape[0] != 1 or not _words_ok(qweight, group):
         raise ValueError("int4_gemv1 takes one row of x and a word-aligned qweight with groups of 8k columns")
@@ -498,6 +520,8 @@ def int4_gemv1(
     if n == 0:
         return result
     if x2.stride(1) != 1:
+        if gated:
+            raise ValueError("a gated x must have a unit column stride (up is read beside gate)")
         x2 = x2.contiguous()
     kw, gw = k // 8, group // 8
     pow2_group = gw & (gw - 1) == 0
@@ -517,9 +541,16 @@ def int4_gemv1(
         qweight.stride(0) // 4, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), out2.stride(1),
         BYTE_MASK_HI, BYTE_MASK_LO, ONE_BITS,
         GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, PREFETCH=bool(prefetch), FUSED_SPLITS=fused, WARM=bool(warm),
-        num_warps=num_warps, **pdl_args(x.device),
+        GATED=gated, num_warps=num_warps, **pdl_args(x.device),
     )
     return result
+
+
+def _gate_half(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The gate half of a gated input [..., 2K] as an [..., K] view (the kernel reads up beside it)."""
+    if x.shape[-1] != 2 * k:
+        raise ValueError(f"a gated x holds gate and up: last dimension {2 * k}, got {x.shape[-1]}")
+    return x[..., :k]
 
 
 def int4_gemv(
@@ -748,15 +779,22 @@ def int4_matmul(
     gemm: dict[str, int] | None = None,
     gemv1: dict[str, int] | None = None,
     use_gemv1: bool = True,
+    gated: bool = False,
 ) -> torch.Tensor:
     """y = x @ W^T for the int4 format, the path picked by M (rows of x):
     M == 1 (and a word-aligned layout): int4_gemv1 with the `gemv1` block sizes, unless use_gemv1 is off;
     M <= gemv_max_m: int4_gemv; M >= dequant_min_m (None: never): dequantize_int4, then cuBLAS;
     otherwise int4_gemm. gemv / gemm: keyword arguments (block sizes) of those paths. The defaults are
-    replaced by the plan kiln build measures for each layer shape (kernels/tuning.py)."""
+    replaced by the plan kiln build measures for each layer shape (kernels/tuning.py).
+    gated: x is [..., 2K], gate then up, and the input is silu(gate) * up: read so by the one-row GEMV
+    (no kernel of its own), computed by kernels/activation.py for the other paths."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if m == 1 and use_gemv1 and _words_ok(qweight, group_of(2 * qweight.shape[1], scales.shape[1], group_size)):
-        return int4_gemv1(x, qweight, scales, zeros, group_size, out, **(gemv1 or {}))
+        if gated and (not FUSE_GATE or x.stride(-1) != 1):
+            x, gated = silu_and_mul(x.reshape(1, -1)).view(*x.shape[:-1], -1), False
+        return int4_gemv1(x, qweight, scales, zeros, group_size, out, gated=gated, **(gemv1 or {}))
+    if gated:
+        x = silu_and_mul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
     if m <= gemv_max_m:
         return int4_gemv(x, qweight, scales, zeros, group_size, out, **(gemv or {}))
     if dequant_min_m is not None and m >= dequant_min_m:

@@ -133,6 +133,9 @@ class RowParallelLinear(LinearBase):
             return full  # bias and per-output-channel scales: every rank needs all of them
         return _split(full, 1, self.tp.rank, self.tp.size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(self.quant_method.apply(self, x))
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """gated: x [..., 2 * in_features] holds gate then up, and the input is silu(gate) * up (the MLP's
+        down projection; a quantized kernel may read it so without a kernel of its own)."""
+        y = self.quant_method.apply_gated(self, x) if gated else self.quant_method.apply(self, x)
+        out = self.tp.all_reduce(y)
         return out if self.bias is None else out + self.bias

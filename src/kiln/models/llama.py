@@ -11,7 +11,6 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.distributed.comm import SINGLE, TPGroup
-from kiln.kernels import reference, use_triton
 from kiln.layers.attention import Attention, AttentionMetadata
 from kiln.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kiln.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -58,12 +57,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, tp, quant=quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.gate_up_proj(x)
-        if use_triton(h):
-            from kiln.kernels.activation import silu_and_mul
-
-            return self.down_proj(silu_and_mul(h))
-        return self.down_proj(reference.silu_and_mul(h))
+        return self.down_proj(self.gate_up_proj(x), gated=True)  # down(silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

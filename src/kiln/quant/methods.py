@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.kernels import use_triton
+from kiln.kernels import silu_and_mul, use_triton
 from kiln.quant.formats import dequantize_int, fake_quantize_fp8_per_token
 
 
@@ -63,6 +63,11 @@ class FullPrecision:
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight)
 
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up times the weight, x [..., 2 * in_features] holding gate then up (the MLP's down
+        projection); a format whose kernel can read the gated input itself overrides this."""
+        return self.apply(layer, silu_and_mul(x))
+
 
 class WeightOnlyInt(FullPrecision):
     """int8_wo, int4_wo and int4_awq: integer weights, scales per group (zeros for 4 bits)."""
@@ -98,6 +103,14 @@ class WeightOnlyInt(FullPrecision):
         from kiln.kernels.int8_matmul import int8_matmul
 
         return int8_matmul(x, layer.qweight, layer.scales, group, **plan)
+
+    def apply_gated(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4 and use_triton(x):
+            from kiln.kernels.int4_matmul import int4_matmul
+
+            group = self.group_size or layer.in_features
+            return int4_matmul(x, layer.qweight, layer.scales, layer.zeros, group, gated=True, **_plan_args(layer))
+        return super().apply_gated(layer, x)
 
 
 class Fp8(FullPrecision):
