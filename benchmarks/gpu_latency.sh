@@ -8,13 +8,14 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 runs=" ${RUNS:-bf16 int4_awq_g128 int4_awq_g64 fp8 int8_wo ttft2048_bf16} "
-# PDL="0 1" runs each row twice, without and with programmatic dependent launch (KILN_PDL; rows *_pdl)
+# PDL="0 1 late" runs each row with each KILN_PDL setting (programmatic dependent launch; kernels/pdl.py):
+# rows *_nopdl (0), the plain name (1, the default), *_late (late)
 run() {  # name, args...
   local name=$1; shift
   [[ "$runs" == *" $name "* ]] || return 0
   local pdl tag
-  for pdl in ${PDL:-0}; do
-    tag=$name; [ "$pdl" = 1 ] && tag="${name}_pdl"
+  for pdl in ${PDL:-1}; do
+    case $pdl in 0) tag="${name}_nopdl" ;; late) tag="${name}_late" ;; *) tag=$name ;; esac
     KILN_PDL=$pdl timeout "${RUN_TIMEOUT:-300}" python3 -m kiln bench latency --synthetic mistral-7b-v0.3 "$@" \
       --output_json "$out/$tag.json" >"$out/$tag.txt" 2>&1 || echo "$tag FAILED: $(tail -n 3 "$out/$tag.txt")"
     grep -E "time per output|achieved|transformers" "$out/$tag.txt" | sed "s/^/$tag: /"

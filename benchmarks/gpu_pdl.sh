@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Programmatic dependent launch on the GPU, in one run: is it correct (the kernel tests with KILN_PDL=1),
+# Programmatic dependent launch on the GPU, in one run: is it correct (the kernel tests with KILN_PDL=late),
 # what does it save on a chain of a step's kernels (pdl_chain.py), and end to end (`kiln bench latency`
-# with KILN_PDL=0 and 1). Logs go to ${OUT:-out}/, a summary is printed.
+# with KILN_PDL=0, 1 and late). Logs go to ${OUT:-out}/, a summary is printed.
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
@@ -17,17 +17,17 @@ step() {  # name, timeout, command...
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   echo "== $name: exit $? in $((SECONDS - t0)) s"
 }
-step tests_pdl1 ${T_TESTS:-150} env KILN_PDL=1 python3 -m pytest -q -p no:cacheprovider \
+step tests_late ${T_TESTS:-150} env KILN_PDL=late python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_pdl.py tests/kernels/test_quant_matmul.py -k "${TESTS_K:-gpu or gemv1 or gated}"
-tail -n 3 "$out/tests_pdl1.log"
+tail -n 3 "$out/tests_late.log"
 step chain ${T_CHAIN:-120} python3 benchmarks/pdl_chain.py --formats ${CHAIN:-int4_awq:128 int4_awq:64 fp8}
 grep -E "KILN_PDL|bit-equal" "$out/chain.log"
-OUT="$out" PDL="0 1" RUNS="${RUNS:-int4_awq_g128 fp8}" RUN_TIMEOUT=${T_RUN:-120} bash benchmarks/gpu_latency.sh \
+OUT="$out" PDL="${PDL:-0 1 late}" RUNS="${RUNS:-int4_awq_g128 fp8}" RUN_TIMEOUT=${T_RUN:-120} bash benchmarks/gpu_latency.sh \
   2>&1 | tail -n 12
 # the int4 down projection without SiLU-and-mul fused into its one-row GEMV (kernels/int4_matmul.py)
-[ -z "${GATE_RUNS-int4_awq_g128}" ] || OUT="$out/unfused" KILN_FUSE_GATE=0 PDL=0 RUNS="${GATE_RUNS-int4_awq_g128}" \
+[ -z "${GATE_RUNS-}" ] || OUT="$out/unfused" KILN_FUSE_GATE=0 PDL=1 RUNS="${GATE_RUNS-}" \
   RUN_TIMEOUT=${T_RUN:-120} bash benchmarks/gpu_latency.sh 2>&1 | tail -n 2
 if [ -n "${ALL_TESTS:-}" ]; then
-  step tests_pdl0 ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels
-  tail -n 3 "$out/tests_pdl0.log"
+  step tests_all ${T_TESTS:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels
+  tail -n 3 "$out/tests_all.log"
 fi

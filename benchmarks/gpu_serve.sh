@@ -14,6 +14,9 @@ python3 benchmarks/serve_synthetic.py --synthetic "$model" --max_batch_size "$c"
 server=$!
 for _ in $(seq 240); do
   curl -sf http://127.0.0.1:8123/v2/health/ready >/dev/null && break
+  if ! kill -0 "$server" 2>/dev/null; then  # the server exited: say why instead of waiting on
+    echo "the server exited before it was ready:"; tail -n 15 "$out/server.log"; exit 1
+  fi
   sleep 1
 done
 # warm-up: compile every kernel variant outside the measured run

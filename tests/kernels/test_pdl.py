@@ -70,19 +70,46 @@ def test_off_the_gpu_no_kernel_asks_for_pdl(monkeypatch) -> None:
     assert pdl.pdl_args(torch.device("cpu")) == {"USE_PDL": False}
 
 
-@pytest.mark.parametrize(("value", "on"), [(None, False), ("0", False), ("1", True)])
-def test_kiln_pdl_setting(monkeypatch, value: str | None, on: bool) -> None:
+@pytest.mark.parametrize(("value", "mode"), [(None, 1), ("0", 0), ("1", 1), ("late", 2)])
+def test_kiln_pdl_setting(monkeypatch, value: str | None, mode: int) -> None:
+    """On by default (measured faster on an H100); 0 turns it off; late moves the long kernels' signal."""
     if value is None:
         monkeypatch.delenv("KILN_PDL", raising=False)
     else:
         monkeypatch.setenv("KILN_PDL", value)
-    assert pdl.requested() is on
+    assert pdl.mode() == mode
+    assert pdl.requested() is (mode > 0)
 
 
 def test_a_bad_kiln_pdl_value_names_the_setting_and_its_values(monkeypatch) -> None:
     monkeypatch.setenv("KILN_PDL", "yes")
-    with pytest.raises(KilnError, match=r"KILN_PDL='yes' is not 0 .* or 1"):
+    with pytest.raises(KilnError, match=r"KILN_PDL='yes' is not 1 .*, late .* or 0"):
         pdl.requested()
+
+
+LATE = {decode_attention: ["_decode_kernel"], fp8_matmul: ["_fp8_gemv_kernel"],
+        int4_matmul: ["_int4_gemv_kernel", "_int4_gemv1_kernel"], int8_matmul: ["_int8_gemv_kernel"]}
+
+
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_kernels_launched_late_signal_after_their_main_loop(module) -> None:
+    """A launch with late=True gives USE_PDL 2, where grid_dependency_sync does not signal: the kernel
+    must then call launch_dependents itself (else the next kernel waits for its exit, which is correct
+    but loses the overlap), after its loops; and only those kernels may."""
+    tree = ast.parse(inspect.getsource(module))
+    late = set()
+    for call in (n for n in ast.walk(tree) if isinstance(n, ast.Call)):
+        if isinstance(call.func, ast.Subscript):
+            if any(k.arg is None and "late=True" in ast.unparse(k.value) for k in call.keywords):
+                late.add(ast.unparse(call.func.value))
+    assert sorted(late) == sorted(LATE.get(module, []))
+    for fn in _kernels(module):
+        signal = _first_line(fn, lambda c: ast.unparse(c.func) == "launch_dependents")
+        assert (signal is not None) == (fn.name in late), f"{fn.name}: launch_dependents vs late=True"
+        if signal is not None:
+            loops = [n for n in ast.walk(fn) if isinstance(n, ast.For)]
+            main = min(loops, key=lambda n: n.lineno) if loops else None  # the first loop is the main one
+            assert main is None or signal > main.end_lineno, f"{fn.name} signals before its main loop ends"
 
 
 # ---- on the GPU ----
@@ -110,11 +137,12 @@ def _chain(kind: str, weights: list[dict], norm_w: torch.Tensor, h: torch.Tensor
 
 @gpu
 @needs_gpu
+@pytest.mark.parametrize("setting", ["1", "late"])
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
-def test_gpu_overlapped_chain_equals_one_kernel_at_a_time(kind: str, monkeypatch, request) -> None:
+def test_gpu_overlapped_chain_equals_one_kernel_at_a_time(kind: str, setting: str, monkeypatch, request) -> None:
     from kiln.quant.formats import quantize_asymmetric_int4, quantize_fp8
 
-    monkeypatch.setenv("KILN_PDL", "1")
+    monkeypatch.setenv("KILN_PDL", setting)
     pdl._enabled.cache_clear()
     request.addfinalizer(pdl._enabled.cache_clear)  # the next test reads KILN_PDL afresh
     if not pdl.pdl_args(torch.device("cuda"))["USE_PDL"]:

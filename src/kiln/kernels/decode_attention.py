@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.pdl import grid_dependency_sync, pdl_args
+from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args
 
 LOG2E = 1.4426950408889634
 # Running-max start value: finite so that a row which has only seen masked (-inf) scores gets
@@ -192,6 +192,7 @@ def _decode_kernel(
         HEAD_DIM, BLOCK_D, BLOCK_SIZE, TILE_N, True, HAS_WINDOW, DOT_PRECISION,
     )
 
+    launch_dependents(USE_PDL)  # main loop done: the next kernel may start (KILN_PDL=late)
     if SPLIT:
         row = (seq64 * num_heads + heads) * num_splits + split  # partial buffers: [seqs, heads, splits, ...]
         g_mask = offs_g < GROUP
@@ -313,7 +314,7 @@ def paged_decode_attention(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, TILE_N=cfg.tile_n, HAS_WINDOW=sliding_window > 0, SPLIT=split,
         DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(q.device, late=True),
     )
     if split:
         _combine_kernel[(num_seqs, heads)](

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from kiln.kernels import split_counters
 from kiln.kernels.int4_matmul import output_rows, split_plan
-from kiln.kernels.pdl import grid_dependency_sync, pdl_args, prefetch_l2
+from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args, prefetch_l2
 
 
 @triton.jit
@@ -178,6 +178,7 @@ def _fp8_gemv_kernel(
             part = tl.sum(w * xv[None, :], axis=1)
             acc = tl.where(offs_m[None, :] == m0 + m, acc + part[:, None], acc)
 
+    launch_dependents(USE_PDL)  # main loop done: the next kernel may start (KILN_PDL=late)
     sw = tl.load(sw_ptr + offs_n, mask=n_mask, other=0.0)
     sx = tl.load(sx_ptr + offs_m, mask=offs_m < M, other=0.0)
     acc = acc * sw[:, None] * sx[None, :]
@@ -229,7 +230,7 @@ def _gemv_quantized(
         m, n, k, split_cols,
         xq.stride(0), weight.stride(0), weight.stride(1), out2.stride(0), out2.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLITS=fused, WARM=bool(warm),
-        num_warps=num_warps, **pdl_args(xq.device),
+        num_warps=num_warps, **pdl_args(xq.device, late=True),
     )
 
 

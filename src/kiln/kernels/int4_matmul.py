@@ -66,7 +66,7 @@ import triton.language as tl
 
 from kiln.kernels import num_sms, split_counters
 from kiln.kernels.activation import silu_and_mul
-from kiln.kernels.pdl import grid_dependency_sync, pdl_args, prefetch_l2
+from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args, prefetch_l2
 
 # The MLP's down projection at one row reads silu(gate) * up from gate_up's output inside int4_gemv1
 # (KILN_FUSE_GATE=0: a SiLU-and-mul kernel first, as for every other path; for measuring the two).
@@ -315,6 +315,7 @@ def _int4_gemv_kernel(
                 part = tl.sum(w_lo * x_lo[None, :], axis=1) + tl.sum(w_hi * x_hi[None, :], axis=1)
                 acc = tl.where(offs_m[None, :] == m0 + m, acc + (part * s)[:, None], acc)
 
+    launch_dependents(USE_PDL)  # main loop done: the next kernel may start (KILN_PDL=late)
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_m[None, :] < M))
 
@@ -456,6 +457,7 @@ def _int4_gemv1_kernel(
             z = tl.load(z_ptr + offs_n[:, None] * stride_zn + g[None, :] * stride_zg, mask=gmask, other=0)
             part = 16.0 * (sv - sa[None, :]) - z.to(tl.float32) * sx[None, :]
             out += tl.sum(sc.to(tl.float32) * part, axis=1)
+    launch_dependents(USE_PDL)  # main loop done: the next kernel may start (KILN_PDL=late)
     if FUSED_SPLITS:
         # Each split stores its fp32 partial, then counts itself in per output element (acq_rel); the
         # split that arrives last for an element sums the partials in split order (deterministic),
@@ -541,7 +543,7 @@ def int4_gemv1(
         qweight.stride(0) // 4, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), out2.stride(1),
         BYTE_MASK_HI, BYTE_MASK_LO, ONE_BITS,
         GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, PREFETCH=bool(prefetch), FUSED_SPLITS=fused, WARM=bool(warm),
-        GATED=gated, num_warps=num_warps, **pdl_args(x.device),
+        GATED=gated, num_warps=num_warps, **pdl_args(x.device, late=True),
     )
     return result
 
@@ -593,7 +595,8 @@ def int4_gemv(
         stride_os, target.stride(-2), target.stride(-1),
         X_BF16=x.dtype == torch.bfloat16, GROUP_PAIRS=group_constexpr(group_pairs, n_groups),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KH=block_kh,
-        CHUNK=chunk_in_group(block_kh, group_pairs, n_groups), num_warps=num_warps, **pdl_args(x.device),
+        CHUNK=chunk_in_group(block_kh, group_pairs, n_groups), num_warps=num_warps,
+        **pdl_args(x.device, late=True),
     )
     if n_splits > 1:
         sum_splits(target, out2)

@@ -46,7 +46,7 @@ from kiln.kernels.int4_matmul import (
     splits_target,
     sum_splits,
 )
-from kiln.kernels.pdl import grid_dependency_sync, pdl_args
+from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args
 
 
 @triton.jit
@@ -100,6 +100,7 @@ def _int8_gemv_kernel(
                 part = tl.sum(w * xv.to(tl.float32)[None, :], axis=1)
                 acc = tl.where(offs_m[None, :] == m0 + m, acc + (part * s)[:, None], acc)
 
+    launch_dependents(USE_PDL)  # main loop done: the next kernel may start (KILN_PDL=late)
     out_ptrs = out_ptr + pid_s * stride_os + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & (offs_m[None, :] < M))
 
@@ -138,7 +139,7 @@ def int8_gemv(
         x2.stride(0), x2.stride(1), qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         stride_os, target.stride(-2), target.stride(-1),
         GROUP=group_constexpr(group, n_groups), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        CHUNK=chunk_in_group(block_k, group, n_groups), num_warps=num_warps, **pdl_args(x.device),
+        CHUNK=chunk_in_group(block_k, group, n_groups), num_warps=num_warps, **pdl_args(x.device, late=True),
     )
     if n_splits > 1:
         sum_splits(target, out2)

@@ -14,10 +14,17 @@ constant data (the weights) may come before it: `prefetch_l2` lets a GEMV pull i
 into L2 while the previous kernel ends. Because each kernel completes only after its own wait returned,
 the order is transitive along the stream: kernel C, waiting for B, also sees everything A wrote.
 
-`pdl_args(device)` is what a launch site passes: {"USE_PDL": True, "launch_pdl": True} where it is on,
-{"USE_PDL": False} elsewhere (the CPU interpreter included). It is off unless KILN_PDL=1: it turns on
-only where the GPU can (compute capability 9.0+) and Triton knows the launch option, and it becomes the
-default once measured on the GPU (tests/kernels/test_pdl.py, `kiln bench latency` with KILN_PDL=0/1).
+`pdl_args(device)` is what a launch site passes: {"USE_PDL": 1, "launch_pdl": True} where it is on,
+{"USE_PDL": 0} elsewhere (the CPU interpreter included). It is on by default where the GPU can (compute
+capability 9.0+) and Triton knows the launch option; KILN_PDL=0 turns it off. Measured on an H100
+(BENCHMARKS.md): decode +1 to +3% (fp8 +2.9%, int4 group 128 +1.7 to +3.2%, bf16 +0.9%).
+
+When the next kernel may start is a choice. With KILN_PDL=1 (the default) each kernel lets it start as
+soon as its own wait is over, so the next kernel's programs can become resident, prefetch and wait
+while this one still runs; they also hold SM slots this kernel's later programs could use. With
+KILN_PDL=late, the launch sites that pass `late=True` (the GEMVs and the decode attention, kernels with
+more programs than fit at once) give USE_PDL 2: their programs signal only after their main loop
+(`launch_dependents`), so the next kernel overlaps only their epilogue and exit.
 """
 
 from __future__ import annotations
@@ -45,33 +52,46 @@ def _triton_can_launch_pdl() -> bool:
     return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
+MODES = {"0": 0, "1": 1, "late": 2}
+
+
+def mode() -> int:
+    """KILN_PDL: 1 (the default) PDL where the GPU and Triton can, each kernel letting the next start
+    once its own wait is over; late: the same, but the kernels launched with late=True let it start only
+    after their main loop; 0: never."""
+    value = os.environ.get("KILN_PDL", "1")
+    if value not in MODES:
+        raise KilnError(f"KILN_PDL={value!r} is not 1 (the default: programmatic dependent launch on GPUs of "
+                        "compute capability 9.0+), late (the same, the long kernels letting the next one start "
+                        "only after their main loop) or 0 (each kernel starts after the one before has ended)")
+    return MODES[value]
+
+
 def requested() -> bool:
-    """KILN_PDL: 1 asks for PDL where the GPU and Triton can; 0 (the default) never."""
-    value = os.environ.get("KILN_PDL", "0")
-    if value not in ("0", "1"):
-        raise KilnError(f"KILN_PDL={value!r} is not 0 (the default: each kernel starts after the one before "
-                        "has ended) or 1 (programmatic dependent launch on GPUs of compute capability 9.0+)")
-    return value == "1"
+    return mode() > 0
 
 
 @functools.cache
-def _enabled(device_index: int) -> bool:
+def _enabled(device_index: int) -> int:
+    """The KILN_PDL mode on this device: 0 where PDL cannot be used."""
     if not requested() or gdc_wait is None or not _triton_can_launch_pdl():
-        return False
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return False
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+        return 0
+    return mode() if torch.cuda.get_device_capability(device_index)[0] >= 9 else 0
 
 
-def pdl_args(device: torch.device) -> dict[str, bool]:
-    """Keyword arguments of a Triton launch on `device`: the kernel's USE_PDL and, when on, the launch
-    option that lets it overlap the kernel before it."""
+def pdl_args(device: torch.device, late: bool = False) -> dict[str, int | bool]:
+    """Keyword arguments of a Triton launch on `device`: the kernel's USE_PDL (0 off; 1 on; 2 on, the
+    kernel calling `launch_dependents` after its main loop) and, when on, the launch option that lets
+    it overlap the kernel before it. late: this kernel has such a call (used under KILN_PDL=late)."""
     if device.type != "cuda":
-        return {"USE_PDL": False}
+        return {"USE_PDL": 0}
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if not _enabled(index):
-        return {"USE_PDL": False}
-    return {"USE_PDL": True, "launch_pdl": True}
+    on = _enabled(index)
+    if not on:
+        return {"USE_PDL": 0}
+    return {"USE_PDL": 2 if late and on == 2 else 1, "launch_pdl": True}
 
 
 @triton.jit
@@ -79,6 +99,15 @@ def grid_dependency_sync(USE_PDL: tl.constexpr):
     """Wait until the kernel before has completed (its writes visible), then let the next one start."""
     if USE_PDL:
         gdc_wait()
+        if USE_PDL == 1:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def launch_dependents(USE_PDL: tl.constexpr):
+    """Under USE_PDL 2, let the next kernel start now: called by a kernel launched with late=True once
+    its main loop is done (before that, grid_dependency_sync did not)."""
+    if USE_PDL == 2:
         gdc_launch_dependents()
 
 
