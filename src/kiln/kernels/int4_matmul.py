@@ -64,13 +64,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.errors import KilnError
 from kiln.kernels import num_sms, split_counters
 from kiln.kernels.activation import silu_and_mul
 from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args, prefetch_l2
 
 # The MLP's down projection at one row reads silu(gate) * up from gate_up's output inside int4_gemv1
 # (KILN_FUSE_GATE=0: a SiLU-and-mul kernel first, as for every other path; for measuring the two).
-FUSE_GATE = os.environ.get("KILN_FUSE_GATE", "1") != "0"
+FUSE_GATE = os.environ.get("KILN_FUSE_GATE", "1")
+if FUSE_GATE not in ("0", "1"):
+    raise KilnError(f"KILN_FUSE_GATE={FUSE_GATE!r} is not 1 (the default: the one-row int4 GEMV applies "
+                    "SiLU-and-mul to its input itself) or 0 (a SiLU-and-mul kernel first)")
+FUSE_GATE = FUSE_GATE == "1"
 
 # 2.0**23 and its fp32 bit pattern: see "int -> float through the exponent" above.
 EXP23 = tl.constexpr(8388608.0)
