@@ -67,7 +67,7 @@ def test_every_launch_passes_the_pdl_arguments(module) -> None:
 
 def test_off_the_gpu_no_kernel_asks_for_pdl(monkeypatch) -> None:
     monkeypatch.setenv("KILN_PDL", "1")
-    assert pdl.pdl_args(torch.device("cpu")) == {"USE_PDL": False}
+    assert pdl.pdl_args(torch.device("cpu")) == {"USE_PDL": 0}
 
 
 @pytest.mark.parametrize(("value", "mode"), [(None, 1), ("0", 0), ("1", 1), ("late", 2)])
@@ -107,9 +107,13 @@ def test_kernels_launched_late_signal_after_their_main_loop(module) -> None:
         signal = _first_line(fn, lambda c: ast.unparse(c.func) == "launch_dependents")
         assert (signal is not None) == (fn.name in late), f"{fn.name}: launch_dependents vs late=True"
         if signal is not None:
-            loops = [n for n in ast.walk(fn) if isinstance(n, ast.For)]
-            main = min(loops, key=lambda n: n.lineno) if loops else None  # the first loop is the main one
-            assert main is None or signal > main.end_lineno, f"{fn.name} signals before its main loop ends"
+            # the main loop: the first loop after the wait, or the helper called there that holds it
+            sync = _first_line(fn, lambda c: ast.unparse(c.func) == "grid_dependency_sync")
+            work = [n for n in ast.walk(fn) if getattr(n, "lineno", 0) > sync and (
+                isinstance(n, ast.For) or (isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                                           and n.func.id not in ("launch_dependents", "range")))]
+            main = min(work, key=lambda n: n.lineno)
+            assert signal > main.end_lineno, f"{fn.name} signals before its main loop (line {main.lineno}) ends"
 
 
 # ---- on the GPU ----
@@ -164,9 +168,11 @@ def test_gpu_overlapped_chain_equals_one_kernel_at_a_time(kind: str, setting: st
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = _chain(kind, weights, norm_w, x)
+    monkeypatch.setenv("KILN_PDL", "0")  # the reference: the same kernels, none launched early
+    pdl._enabled.cache_clear()
     for seed in range(5):
         x.copy_(torch.randn(1, n, generator=torch.Generator(dev).manual_seed(seed), device=dev))
         graph.replay()
         torch.cuda.synchronize()
         want = _chain(kind, weights, norm_w, x, serial=True)
-        assert torch.equal(out, want), f"replay {seed} differs from the serial chain"
+        assert torch.equal(out, want), f"replay {seed} differs from the serial chain without PDL"

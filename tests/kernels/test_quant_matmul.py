@@ -203,14 +203,30 @@ def test_int4_gemv1_gated_reads_silu_gate_times_up(dtype: torch.dtype, chunk_wor
     assert_matches(got, _ref_int4(act, p))
 
 
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 17])
-def test_int4_matmul_gated_on_every_path(m: int) -> None:
+def test_int4_matmul_gated_on_every_path(m: int, strided: bool) -> None:
+    """One row (fused), a few rows (GEMV) and more (GEMM) take a gated x; a strided x, which the fused
+    kernel cannot read, goes through SiLU-and-mul first."""
     from kiln.kernels.activation import silu_and_mul
 
-    p, h = _int4(40, 128, 32), _x(m, 256)
+    p, h = _int4(40, 128, 32), _x(m, 512 if strided else 256)
+    if strided:
+        h = h[:, ::2]
     got = int4_matmul(h, p["qweight"], p["scales"], p["zeros"], 32, gated=True, gemv_max_m=4)
     assert got.shape == (m, 40)
-    assert_matches(got, _ref_int4(silu_and_mul(h), p))
+    assert_matches(got, _ref_int4(silu_and_mul(h.contiguous()), p))
+
+
+def test_int4_matmul_gated_unfused_gives_the_same_bits(monkeypatch) -> None:
+    """KILN_FUSE_GATE=0: SiLU-and-mul's kernel, then the same one-row GEMV."""
+    p, h = _int4(40, 256, 32), _x(1, 512)
+    fused = int4_matmul(h, p["qweight"], p["scales"], p["zeros"], 32, gated=True)
+    monkeypatch.setattr(int4_module, "FUSE_GATE", False)
+    called = _spy(monkeypatch, int4_module, ["silu_and_mul", "int4_gemv1"])
+    unfused = int4_matmul(h, p["qweight"], p["scales"], p["zeros"], 32, gated=True)
+    assert called == ["silu_and_mul", "int4_gemv1"]
+    assert torch.equal(fused, unfused)
 
 
 def test_int4_gemv1_gated_names_the_width_it_needs() -> None:

@@ -78,7 +78,14 @@ def _enabled(device_index: int) -> int:
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return 0
+    if _cuda_version() < (12, 4):  # a conservative floor for PDL inside captured graphs (run with 13.0)
+        return 0
     return mode() if torch.cuda.get_device_capability(device_index)[0] >= 9 else 0
+
+
+def _cuda_version() -> tuple[int, ...]:
+    version = torch.version.cuda or "0"
+    return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
 
 
 def pdl_args(device: torch.device, late: bool = False) -> dict[str, int | bool]:
