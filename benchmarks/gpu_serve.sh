@@ -6,6 +6,9 @@ set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
 export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# the server's packages must import before anything is measured (on a machine without network they come
+# as wheels beside the tree; fastapi 0.16x also needs opentelemetry-api and importlib-metadata)
+python3 -c "import fastapi, uvicorn, pydantic" || { echo "the server's packages do not import"; exit 1; }
 model="${MODEL:-llama-3.1-8b}" n="${NUM_REQUESTS:-1000}" c="${CONCURRENCY:-64}"
 [ "${SKIP_OFFLINE:-0}" = 1 ] || python3 -m kiln bench throughput --synthetic "$model" --num_requests "$n" \
   --input_len 128 --output_len 128 --max_batch_size "$c" --output_json "$out/offline_b$c.json" 2>&1 \
