@@ -20,8 +20,10 @@ step() {  # name, timeout, command...
 step tests_late ${T_TESTS:-150} env KILN_PDL=late python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_pdl.py tests/kernels/test_quant_matmul.py -k "${TESTS_K:-gpu or gemv1 or gated}"
 tail -n 3 "$out/tests_late.log"
-step chain ${T_CHAIN:-120} python3 benchmarks/pdl_chain.py --formats ${CHAIN:-int4_awq:128 int4_awq:64 fp8}
-grep -E "KILN_PDL|bit-equal" "$out/chain.log"
+for warm in ${WARMS:-1 2}; do  # the GEMVs' L2 prefetch: all of their weight (1) or its first lines (2)
+  step chain_warm$warm ${T_CHAIN:-120} python3 benchmarks/pdl_chain.py --warm $warm --formats ${CHAIN:-int4_awq:128 fp8}
+  grep -E "KILN_PDL|bit-equal" "$out/chain_warm$warm.log" | sed "s/^/warm $warm: /"
+done
 OUT="$out" PDL="${PDL:-0 1 late}" RUNS="${RUNS:-int4_awq_g128 fp8}" RUN_TIMEOUT=${T_RUN:-120} bash benchmarks/gpu_latency.sh \
   2>&1 | tail -n 12
 # the int4 down projection without SiLU-and-mul fused into its one-row GEMV (kernels/int4_matmul.py)

@@ -1,6 +1,7 @@
 """A decode step's quantized kernels at batch 1, with and without programmatic dependent launch.
 
     python3 benchmarks/pdl_chain.py [--synthetic mistral-7b-v0.3] [--formats int4_awq:128 fp8] [--layers 32]
+        [--warm 1]
 
 Per layer, as a decode step runs them (attention left out): RMSNorm with the residual, the qkv GEMV,
 the o GEMV (on the first columns of qkv's output), RMSNorm, the gate_up GEMV, SiLU-and-mul, the down
@@ -31,10 +32,13 @@ def layer_weights(algo: str, cfg, group: int) -> list[dict]:
     return out
 
 
+WARM = 1  # --warm: the GEMVs' L2 prefetch before their wait (1 all of their weight, 2 the first lines, 0 none)
+
+
 def gemv(algo: str, group: int, w: dict, x: torch.Tensor) -> torch.Tensor:
     if algo == "fp8":
-        return fp8_matmul.fp8_gemv(x, w["weight"], w["weight_scale"])
-    return int4_matmul.int4_matmul(x, w["qweight"], w["scales"], w["zeros"], group)
+        return fp8_matmul.fp8_gemv(x, w["weight"], w["weight_scale"], warm=WARM)
+    return int4_matmul.int4_matmul(x, w["qweight"], w["scales"], w["zeros"], group, gemv1={"warm": WARM})
 
 
 def step(algo: str, group: int, layers: list[list[dict]], norm_w: torch.Tensor, x: torch.Tensor,
@@ -82,7 +86,10 @@ def main() -> None:
     ap.add_argument("--synthetic", default="mistral-7b-v0.3", choices=sorted(SHAPES))
     ap.add_argument("--formats", nargs="+", default=["int4_awq:128", "fp8"])
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--warm", type=int, default=1, choices=(0, 1, 2))
     args = ap.parse_args()
+    global WARM
+    WARM = args.warm
     cfg = SHAPES[args.synthetic]
     print(torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     x = torch.randn(1, cfg.hidden_size, device="cuda").to(torch.bfloat16)

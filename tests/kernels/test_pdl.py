@@ -127,8 +127,8 @@ def _step(kind: str, i: int, p: dict, norm_w: torch.Tensor, h: torch.Tensor) -> 
     h, _ = rmsnorm.rms_norm(h, norm_w, 1e-5, quantize_fp8=kind == "fp8" and i % 2 == 0)
     if kind == "int4":
         return int4_matmul.int4_gemv1(h, p["qweight"], p["scales"], p["zeros"], 128, split_k=4 + i % 2,
-                                      warm=i % 2)
-    return fp8_matmul.fp8_gemv(h, p["weight"], p["weight_scale"], split_k=4 + i % 2, warm=i % 2)
+                                      warm=i % 3)
+    return fp8_matmul.fp8_gemv(h, p["weight"], p["weight_scale"], split_k=4 + i % 2, warm=i % 3)
 
 
 def _chain(kind: str, weights: list[dict], norm_w: torch.Tensor, h: torch.Tensor, serial: bool = False):

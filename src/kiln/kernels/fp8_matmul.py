@@ -159,10 +159,14 @@ def _fp8_gemv_kernel(
     k_start = pid_s * split_cols
     k_end = tl.minimum(k_start + split_cols, K)
     if USE_PDL:
-        if WARM:  # the weights are constant: pull this program's lines into L2 while the last kernel ends
+        # the weights are constant: pull this program's lines into L2 while the last kernel ends
+        if WARM == 1:  # all of them (a weight bigger than L2 then evicts its own first lines)
             for k in range(k_start, k_end, 128):  # 128 e4m3 values per 128-byte line
                 prefetch_l2(w_ptr + offs_n * stride_wn + k * stride_wk, n_mask)
             prefetch_l2(w_ptr + offs_n * stride_wn + (k_end - 1) * stride_wk, n_mask)
+        elif WARM == 2:  # the first two lines of each row: the first steps, what the launch would wait for
+            prefetch_l2(w_ptr + offs_n * stride_wn + k_start * stride_wk, n_mask)
+            prefetch_l2(w_ptr + offs_n * stride_wn + tl.minimum(k_start + 128, k_end - 1) * stride_wk, n_mask)
     grid_dependency_sync(USE_PDL)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: rows of W along dim 0
@@ -229,7 +233,7 @@ def _gemv_quantized(
         xq, sx, weight, weight_scale.reshape(n), out2, part, counters,
         m, n, k, split_cols,
         xq.stride(0), weight.stride(0), weight.stride(1), out2.stride(0), out2.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLITS=fused, WARM=bool(warm),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, FUSED_SPLITS=fused, WARM=int(warm),
         num_warps=num_warps, **pdl_args(xq.device, late=True),
     )
 
@@ -252,7 +256,8 @@ def fp8_gemv(
     block_m: rows of x per program (default next_power_of_2(M), at most 8). split_k: programs per output
     tile along K (None: int4_matmul.auto_split_k), reduced in place by the last split of each element.
     warm: where the launch overlaps the kernel before (kernels/pdl.py), each program first asks for its
-    share of the weight into L2.
+    share of the weight into L2 (1), only the first two 128-byte lines of each of its rows (2), or
+    nothing (0).
     """
     x2 = _check(x, weight, weight_scale)
     m, n = x2.shape[0], weight.shape[0]

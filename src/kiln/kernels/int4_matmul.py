@@ -405,10 +405,14 @@ def _int4_gemv1_kernel(
     w_start = pid_s * split_words
     w_end = tl.minimum(w_start + split_words, KW)
     if USE_PDL:
-        if WARM:  # the weights are constant: pull this program's lines into L2 while the last kernel ends
+        # the weights are constant: pull this program's lines into L2 while the last kernel ends
+        if WARM == 1:  # all of them (a weight bigger than L2 then evicts its own first lines)
             for w in range(w_start, w_end, 32):  # 32 words per 128-byte line
                 prefetch_l2(qw_ptr + offs_n * stride_qn + w, n_mask)
             prefetch_l2(qw_ptr + offs_n * stride_qn + w_end - 1, n_mask)
+        elif WARM == 2:  # the first two lines of each row: the first steps, what the launch would wait for
+            prefetch_l2(qw_ptr + offs_n * stride_qn + w_start, n_mask)
+            prefetch_l2(qw_ptr + offs_n * stride_qn + tl.minimum(w_start + 32, w_end - 1), n_mask)
     grid_dependency_sync(USE_PDL)
     # One row of x (M = 1). Program (n tile, K split); a split is a whole number of groups and of steps.
     # The weight is read as int32 words of 8 nibbles (columns 8j..8j+7), CW words of BLOCK_N rows per
@@ -512,7 +516,8 @@ def int4_gemv1(
     of two; a step covers part of a group, or several whole groups when the group is a smaller power of
     two. split_k: programs along K, in whole groups and steps (None: `auto_split_k`). prefetch: load each
     step's words one step ahead (steps of several groups only). warm: where the launch overlaps the
-    kernel before (kernels/pdl.py), each program first asks for its share of the weight into L2.
+    kernel before (kernels/pdl.py), each program first asks for its share of the weight into L2 (1),
+    only the first two 128-byte lines of each of its rows (2), or nothing (0).
     gated: x is [1, 2K], gate then up, and the product is taken with silu(gate) * up (the MLP's down
     projection reading gate_up's output: no SiLU-and-mul kernel before it).
     """
@@ -547,7 +552,7 @@ def int4_gemv1(
         n, kw, split_words,
         qweight.stride(0) // 4, scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), out2.stride(1),
         BYTE_MASK_HI, BYTE_MASK_LO, ONE_BITS,
-        GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, PREFETCH=bool(prefetch), FUSED_SPLITS=fused, WARM=bool(warm),
+        GROUP_WORDS=gw, BLOCK_N=block_n, CW=cw, PREFETCH=bool(prefetch), FUSED_SPLITS=fused, WARM=int(warm),
         GATED=gated, num_warps=num_warps, **pdl_args(x.device, late=True),
     )
     return result

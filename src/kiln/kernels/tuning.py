@@ -147,8 +147,9 @@ GEMV_GRID = [
     for sk in (None, 1)
 ]
 # Options tried on the grid's winner only, one at a time (each would double the grid): warm, the L2
-# prefetch before the grid dependency wait (kernels/pdl.py), on by default in the kernels.
-VARIANTS = {"gemv1": {"warm": (0,)}, "fp8:gemv": {"warm": (0,)}}
+# prefetch before the grid dependency wait (kernels/pdl.py): 1 (the kernels' default) the program's
+# whole share of the weight, 2 only its first lines, 0 none.
+VARIANTS = {"gemv1": {"warm": (0, 2)}, "fp8:gemv": {"warm": (0, 2)}}
 
 
 def _best(fn: Callable[..., torch.Tensor], x: torch.Tensor, grid: list[dict]) -> tuple[dict[str, int], float]:
