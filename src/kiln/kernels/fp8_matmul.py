@@ -45,7 +45,7 @@ import triton.language as tl
 
 from kiln.kernels import split_counters
 from kiln.kernels.int4_matmul import output_rows, split_plan
-from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args, prefetch_l2
+from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args, warm_rows
 
 
 @triton.jit
@@ -158,15 +158,8 @@ def _fp8_gemv_kernel(
     n_mask = offs_n < N
     k_start = pid_s * split_cols
     k_end = tl.minimum(k_start + split_cols, K)
-    if USE_PDL:
-        # the weights are constant: pull this program's lines into L2 while the last kernel ends
-        if WARM == 1:  # all of them (a weight bigger than L2 then evicts its own first lines)
-            for k in range(k_start, k_end, 128):  # 128 e4m3 values per 128-byte line
-                prefetch_l2(w_ptr + offs_n * stride_wn + k * stride_wk, n_mask)
-            prefetch_l2(w_ptr + offs_n * stride_wn + (k_end - 1) * stride_wk, n_mask)
-        elif WARM == 2:  # the first two lines of each row: the first steps, what the launch would wait for
-            prefetch_l2(w_ptr + offs_n * stride_wn + k_start * stride_wk, n_mask)
-            prefetch_l2(w_ptr + offs_n * stride_wn + tl.minimum(k_start + 128, k_end - 1) * stride_wk, n_mask)
+    if USE_PDL:  # while the kernel before ends, this program's weight lines into L2 (128 values a line)
+        warm_rows(w_ptr + offs_n * stride_wn, k_start, k_end, n_mask, stride_wk, 128, WARM)
     grid_dependency_sync(USE_PDL)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # transposed: rows of W along dim 0

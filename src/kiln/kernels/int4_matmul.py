@@ -67,7 +67,7 @@ import triton.language as tl
 from kiln.errors import KilnError
 from kiln.kernels import num_sms, split_counters
 from kiln.kernels.activation import silu_and_mul
-from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args, prefetch_l2
+from kiln.kernels.pdl import grid_dependency_sync, launch_dependents, pdl_args, warm_rows
 
 # The MLP's down projection at one row reads silu(gate) * up from gate_up's output inside int4_gemv1
 # (KILN_FUSE_GATE=0: a SiLU-and-mul kernel first, as for every other path; for measuring the two).
@@ -404,15 +404,8 @@ def _int4_gemv1_kernel(
     n_mask = offs_n < N
     w_start = pid_s * split_words
     w_end = tl.minimum(w_start + split_words, KW)
-    if USE_PDL:
-        # the weights are constant: pull this program's lines into L2 while the last kernel ends
-        if WARM == 1:  # all of them (a weight bigger than L2 then evicts its own first lines)
-            for w in range(w_start, w_end, 32):  # 32 words per 128-byte line
-                prefetch_l2(qw_ptr + offs_n * stride_qn + w, n_mask)
-            prefetch_l2(qw_ptr + offs_n * stride_qn + w_end - 1, n_mask)
-        elif WARM == 2:  # the first two lines of each row: the first steps, what the launch would wait for
-            prefetch_l2(qw_ptr + offs_n * stride_qn + w_start, n_mask)
-            prefetch_l2(qw_ptr + offs_n * stride_qn + tl.minimum(w_start + 32, w_end - 1), n_mask)
+    if USE_PDL:  # while the kernel before ends, this program's weight lines into L2 (32 words a line)
+        warm_rows(qw_ptr + offs_n * stride_qn, w_start, w_end, n_mask, 1, 32, WARM)
     grid_dependency_sync(USE_PDL)
     # One row of x (M = 1). Program (n tile, K split); a split is a whole number of groups and of steps.
     # The weight is read as int32 words of 8 nibbles (columns 8j..8j+7), CW words of BLOCK_N rows per

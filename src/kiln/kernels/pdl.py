@@ -126,3 +126,18 @@ def prefetch_l2(ptrs, mask):
         "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
         "=r,l,r", [ptrs.to(tl.int64), mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
     )
+
+
+@triton.jit
+def warm_rows(row_ptrs, start, end, mask, stride, LINE: tl.constexpr, WARM: tl.constexpr):
+    """Prefetch elements start..end-1 of each row into L2 before the wait (the weights are constant):
+    row_ptrs [BLOCK_N] point at each row's element 0, `stride` apart along the row, LINE elements per
+    128-byte line. WARM 1: all of them (a weight bigger than L2 then evicts its own first lines); 2:
+    the first two lines, what the program's first steps wait for; 0: nothing."""
+    if WARM == 1:
+        for k in range(start, end, LINE):
+            prefetch_l2(row_ptrs + k * stride, mask)
+        prefetch_l2(row_ptrs + (end - 1) * stride, mask)
+    elif WARM == 2:
+        prefetch_l2(row_ptrs + start * stride, mask)
+        prefetch_l2(row_ptrs + tl.minimum(start + LINE, end - 1) * stride, mask)
