@@ -1,11 +1,12 @@
-"""The GPU-only side of the one-row GEMVs, compiled for an H100 (sm_90) without one.
+"""The GPU-only side of the decode kernels, compiled for an H100 (sm_90) without one.
 
 Programmatic dependent launch and the L2 warm-up exist only on the GPU: the CPU interpreter never runs
 them. Triton compiles ahead of time for a target it is told (its bundled ptxas included), so here the
-kernels are compiled for sm_90 with each PDL setting and warm-up, and the PTX is read: every variant
+one-row int4 and fp8 GEMVs (with each warm-up), the RMSNorm, the few-row int4 and int8 GEMVs and the
+decode attention are compiled for sm_90 with each PDL setting, and the PTX is read: every variant
 compiles; nothing is loaded or stored before `griddepcontrol.wait`; the warm-up's L2 prefetches come
 before it; under USE_PDL 1 the next kernel is released right after the wait, under USE_PDL 2
-(KILN_PDL=late) only after the kernel's loads have begun (after its main loop).
+(KILN_PDL=late) only after the kernel's loads have begun.
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ CASES = (
     + [(f"fp8-{u}-{w}", "fp8_matmul", "_fp8_gemv_kernel", FP8_TYPES, dict(FP8, WARM=w, USE_PDL=u))
        for u in (1, 2) for w in (0, 1, 2)]
     + [("norm-1", "rmsnorm", "_rms_norm_kernel", NORM_TYPES, dict(NORM, USE_PDL=1))]
+    # the other kernels launched with late=True: a few rows' int4 and int8 GEMVs, the decode attention
+    + [(f"{name}-{u}", module, kernel, types, dict(constants, USE_PDL=u)) for u in (1, 2)
+       for name, module, kernel, types, constants in (
+           ("int4rows", "int4_matmul", "_int4_gemv_kernel",
+            dict(xw_ptr="*i32", qw_ptr="*u8", s_ptr="*bf16", z_ptr="*u8", out_ptr="*bf16"),
+            dict(X_BF16=True, GROUP_PAIRS=64, BLOCK_M=4, BLOCK_N=64, BLOCK_KH=64, CHUNK=64)),
+           ("int8rows", "int8_matmul", "_int8_gemv_kernel",
+            dict(x_ptr="*bf16", q_ptr="*i8", s_ptr="*bf16", out_ptr="*bf16"),
+            dict(GROUP=128, BLOCK_M=4, BLOCK_N=64, BLOCK_K=128, CHUNK=128)),
+           ("decode", "decode_attention", "_decode_kernel",
+            dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", bt_ptr="*i32", seq_lens_ptr="*i32",
+                 out_ptr="*bf16", part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", qk_scale="fp32"),
+            dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_SIZE=16, TILE_N=64, HAS_WINDOW=False,
+                 SPLIT=True, DOT_PRECISION="tf32")),
+       )]
 )
 
 COMPILE = textwrap.dedent("""
@@ -114,3 +130,9 @@ def test_rms_norm_for_sm90(compiled) -> None:
 @pytest.mark.parametrize("warm", [0, 1, 2])
 def test_without_pdl_there_is_no_grid_dependency_control(compiled, warm: int) -> None:
     assert first(compiled[f"int4-0-{warm}"], "griddepcontrol", "prefetch.global.L2") is None
+
+
+@pytest.mark.parametrize("use_pdl", [1, 2])
+@pytest.mark.parametrize("name", ["int4rows", "int8rows", "decode"])
+def test_other_late_kernels_for_sm90(compiled, name: str, use_pdl: int) -> None:
+    check_pdl(compiled[f"{name}-{use_pdl}"], use_pdl, 0)
