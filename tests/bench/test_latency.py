@@ -72,7 +72,8 @@ def test_cli_writes_json(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     assert data["output_len"] == 3 and data["achieved_gbps"] > 0
-    assert "time per output token" in done.stdout
+    assert data["pdl"] == "off"  # a CPU run: no programmatic dependent launch
+    assert "time per output token" in done.stdout and "programmatic dependent launch off" in done.stdout
 
 
 def test_a_second_stream_while_one_runs_is_refused() -> None:

@@ -68,6 +68,7 @@ def test_every_launch_passes_the_pdl_arguments(module) -> None:
 def test_off_the_gpu_no_kernel_asks_for_pdl(monkeypatch) -> None:
     monkeypatch.setenv("KILN_PDL", "1")
     assert pdl.pdl_args(torch.device("cpu")) == {"USE_PDL": 0}
+    assert pdl.state("cpu") == "off"
 
 
 @pytest.mark.parametrize(("value", "mode"), [(None, 1), ("0", 0), ("1", 1), ("late", 2)])

@@ -64,7 +64,12 @@ def main(args: argparse.Namespace) -> int:
         llm = LLM(args.engine_dir, None, device=device, cuda_graphs=not args.no_cuda_graphs)
         what = f"engine {args.engine_dir}"
     result = measure_latency(llm, args.batch_size, args.input_len, args.output_len)
-    print(f"kiln bench latency: {what} on {_ranks(llm)}")
+    pdl = "off"
+    if str(device).startswith("cuda"):
+        from kiln.kernels.pdl import state
+
+        pdl = state(device)
+    print(f"kiln bench latency: {what} on {_ranks(llm)}; programmatic dependent launch {pdl}")
     for line in result.lines():
         print("  " + line)
     hf = None
@@ -86,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
         from kiln.fsutil import write_atomic
 
         data = {k: getattr(result, k) for k in result.__dataclass_fields__}
-        data.update(decode_tokens_per_s=result.decode_tokens_per_s, achieved_gbps=result.achieved_gbps, what=what)
+        data.update(decode_tokens_per_s=result.decode_tokens_per_s, achieved_gbps=result.achieved_gbps, what=what,
+                    pdl=pdl)
         if hf is not None:
             data.update(hf_ttft_s=hf.ttft_s, hf_tpot_s=hf.tpot_s)
         write_atomic(Path(args.output_json), json.dumps(data, indent=2) + "\n")

@@ -88,6 +88,15 @@ def _cuda_version() -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
 
 
+def state(device: torch.device | str) -> str:
+    """What the launches on `device` use, for reports: "on", "late" or "off"."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "off"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return ("off", "on", "late")[_enabled(index)]
+
+
 def pdl_args(device: torch.device, late: bool = False) -> dict[str, int | bool]:
     """Keyword arguments of a Triton launch on `device`: the kernel's USE_PDL (0 off; 1 on; 2 on, the
     kernel calling `launch_dependents` after its main loop) and, when on, the launch option that lets
