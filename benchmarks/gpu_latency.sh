@@ -4,7 +4,7 @@
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 runs=" ${RUNS:-bf16 int4_awq_g128 int4_awq_g64 fp8 int8_wo ttft2048_bf16} "

@@ -5,10 +5,7 @@
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
 python3 -c "import torch, triton; from kiln.kernels import pdl
 print('torch', torch.__version__, 'triton', triton.__version__, 'PDL launch option:', pdl._triton_can_launch_pdl(), 'gdc:', pdl.gdc_wait is not None)"

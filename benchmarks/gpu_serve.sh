@@ -5,7 +5,7 @@
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
-export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 # the server's packages must import before anything is measured (on a machine without network they come
 # as wheels beside the tree; fastapi 0.16x also needs opentelemetry-api and importlib-metadata)
 python3 -c "import fastapi, uvicorn, pydantic" || { echo "the server's packages do not import"; exit 1; }

@@ -9,7 +9,7 @@
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
-export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 model="${MODEL:-llama-3.1-8b}"
 requests="${NUM_REQUESTS:-1000}"
 rows="${ROWS:-bf16:128:128:256 fp8:128:128:256 int4_awq:128:128:256 bf16:1000:1000:256}"

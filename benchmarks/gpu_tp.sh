@@ -7,10 +7,7 @@
 set -uo pipefail
 out="${OUT:-out}"
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 model="${MODEL:-mistral-nemo-12b}"
 parts="${PARTS:-tests allreduce latency throughput}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

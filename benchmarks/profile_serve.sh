@@ -2,8 +2,7 @@
 # Where the server's and the load generator's CPU time goes at 64 streams (cProfile of both, engine in its own process).
 set -u
 mkdir -p "${OUT:-out}"
-export PYTHONPATH="/tmp/site:$PWD/src" PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl 2>&1 | tail -1
+source benchmarks/gpu_env.sh
 python3 -m cProfile -o ${OUT:-out}/server.prof benchmarks/serve_synthetic.py --synthetic llama-3.1-8b --max_batch_size 64 --port 8123 > ${OUT:-out}/server.log 2>&1 &
 srv=$!
 for _ in $(seq 240); do curl -sf http://127.0.0.1:8123/v2/health/ready >/dev/null && break; sleep 1; done

@@ -795,12 +795,11 @@ def int4_matmul(
     gated: x is [..., 2K], gate then up, and the input is silu(gate) * up: read so by the one-row GEMV
     (no kernel of its own), computed by kernels/activation.py for the other paths."""
     m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if m == 1 and use_gemv1 and _words_ok(qweight, group_of(2 * qweight.shape[1], scales.shape[1], group_size)):
-        if gated and (not FUSE_GATE or x.stride(-1) != 1):
-            x, gated = silu_and_mul(x.reshape(1, -1).contiguous()).view(*x.shape[:-1], -1), False
+    one_row = m == 1 and use_gemv1 and _words_ok(qweight, group_of(2 * qweight.shape[1], scales.shape[1], group_size))
+    if gated and not (one_row and FUSE_GATE and x.stride(-1) == 1):
+        x, gated = silu_and_mul(x.reshape(-1, x.shape[-1]).contiguous()).view(*x.shape[:-1], -1), False
+    if one_row:
         return int4_gemv1(x, qweight, scales, zeros, group_size, out, gated=gated, **(gemv1 or {}))
-    if gated:
-        x = silu_and_mul(x.reshape(-1, x.shape[-1]).contiguous()).view(*x.shape[:-1], -1)
     if m <= gemv_max_m:
         return int4_gemv(x, qweight, scales, zeros, group_size, out, **(gemv or {}))
     if dequant_min_m is not None and m >= dequant_min_m:

@@ -74,13 +74,21 @@ def requested() -> bool:
 @functools.cache
 def _enabled(device_index: int) -> int:
     """The KILN_PDL mode on this device: 0 where PDL cannot be used."""
-    if not requested() or gdc_wait is None or not _triton_can_launch_pdl():
+    value = mode()
+    if not value or gdc_wait is None or not _triton_can_launch_pdl():
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return 0
     if _cuda_version() < (12, 4):  # a conservative floor for PDL inside captured graphs (run with 13.0)
         return 0
-    return mode() if torch.cuda.get_device_capability(device_index)[0] >= 9 else 0
+    return value if torch.cuda.get_device_capability(device_index)[0] >= 9 else 0
+
+
+def _on(device: torch.device) -> int:
+    """_enabled for a device of any type (0 off the GPU)."""
+    if device.type != "cuda":
+        return 0
+    return _enabled(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _cuda_version() -> tuple[int, ...]:
@@ -90,21 +98,14 @@ def _cuda_version() -> tuple[int, ...]:
 
 def state(device: torch.device | str) -> str:
     """What the launches on `device` use, for reports: "on", "late" or "off"."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return "off"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return ("off", "on", "late")[_enabled(index)]
+    return ("off", "on", "late")[_on(torch.device(device))]
 
 
 def pdl_args(device: torch.device, late: bool = False) -> dict[str, int | bool]:
     """Keyword arguments of a Triton launch on `device`: the kernel's USE_PDL (0 off; 1 on; 2 on, the
     kernel calling `launch_dependents` after its main loop) and, when on, the launch option that lets
     it overlap the kernel before it. late: this kernel has such a call (used under KILN_PDL=late)."""
-    if device.type != "cuda":
-        return {"USE_PDL": 0}
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    on = _enabled(index)
+    on = _on(device)
     if not on:
         return {"USE_PDL": 0}
     return {"USE_PDL": 2 if late and on == 2 else 1, "launch_pdl": True}

@@ -94,23 +94,22 @@ class WeightOnlyInt(FullPrecision):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not use_triton(x):
             return F.linear(x, self.dequantized_weight(layer))
-        group = self.group_size or layer.in_features
-        plan = _plan_args(layer)
         if self.bits == 4:
-            from kiln.kernels.int4_matmul import int4_matmul
-
-            return int4_matmul(x, layer.qweight, layer.scales, layer.zeros, group, **plan)
+            return self._int4(layer, x)
         from kiln.kernels.int8_matmul import int8_matmul
 
-        return int8_matmul(x, layer.qweight, layer.scales, group, **plan)
+        return int8_matmul(x, layer.qweight, layer.scales, self.group_size or layer.in_features, **_plan_args(layer))
 
     def apply_gated(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 4 and use_triton(x):
-            from kiln.kernels.int4_matmul import int4_matmul
-
-            group = self.group_size or layer.in_features
-            return int4_matmul(x, layer.qweight, layer.scales, layer.zeros, group, gated=True, **_plan_args(layer))
+            return self._int4(layer, x, gated=True)
         return super().apply_gated(layer, x)
+
+    def _int4(self, layer: nn.Module, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        from kiln.kernels.int4_matmul import int4_matmul
+
+        group = self.group_size or layer.in_features
+        return int4_matmul(x, layer.qweight, layer.scales, layer.zeros, group, gated=gated, **_plan_args(layer))
 
 
 class Fp8(FullPrecision):
